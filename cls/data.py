@@ -1,0 +1,172 @@
+"""Classification data: ImageNet-layout folders or the built-in synthetic set, transforms v2 presets, loaders."""
+import os
+from functools import partial
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision import datasets
+from torchvision.transforms import InterpolationMode, v2
+
+from cls.models.efficientnet import INPUT_SIZES
+from common.synthetic import classification_image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_sizes(arch: str, synthetic: bool) -> tuple[int, int, int, InterpolationMode]:
+    """(train crop, val resize, val crop, interpolation) of the recipe: 224/256/224 bilinear, as mmcls; EfficientNet
+    at its own resolution with bicubic and mmcls's 32-pixel crop padding (B4: 380/412/380). The synthetic set is
+    drawn at 64 px and trained at 64 px."""
+    if synthetic:
+        return 64, 73, 64, InterpolationMode.BILINEAR
+    if arch in INPUT_SIZES:
+        size = INPUT_SIZES[arch]
+        return size, size + 32, size, InterpolationMode.BICUBIC
+    return 224, 256, 224, InterpolationMode.BILINEAR
+
+
+def train_transform(
+    crop_size: int,
+    interpolation: InterpolationMode = InterpolationMode.BILINEAR,
+    auto_augment: str | None = None,
+    random_erase: float = 0.0,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> v2.Compose:
+    """RandomResizedCrop + horizontal flip (+ RandAugment / TrivialAugmentWide / AugMix, + random erasing)."""
+    ops = [v2.PILToTensor(), v2.RandomResizedCrop(crop_size, interpolation=interpolation, antialias=True),
+           v2.RandomHorizontalFlip()]
+    if auto_augment == "ra":
+        ops.append(v2.RandAugment(interpolation=interpolation))
+    elif auto_augment == "ta_wide":
+        ops.append(v2.TrivialAugmentWide(interpolation=interpolation))
+    elif auto_augment == "augmix":
+        ops.append(v2.AugMix(interpolation=interpolation))
+    elif auto_augment is not None:
+        raise ValueError(f"unknown --auto-augment {auto_augment!r}: choose ra, ta_wide or augmix")
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if random_erase > 0:
+        ops.append(v2.RandomErasing(p=random_erase))
+    return v2.Compose(ops)
+
+
+def eval_transform(
+    resize_size: int,
+    crop_size: int,
+    interpolation: InterpolationMode = InterpolationMode.BILINEAR,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> v2.Compose:
+    """Resize the short side, centre-crop."""
+    return v2.Compose([
+        v2.PILToTensor(), v2.Resize(resize_size, interpolation=interpolation, antialias=True),
+        v2.CenterCrop(crop_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std),
+    ])
+
+
+class SyntheticShapes(Dataset):
+    """`size` procedural 64 px images, 10 classes (one shape each, class-typical hue); image i depends only on
+    (seed, i), so every worker and every run sees the same data set without storing it."""
+
+    def __init__(self, size: int, seed: int, transform=None, num_classes: int = 10, image_size: int = 64) -> None:
+        self.size, self.seed, self.transform = size, seed, transform
+        self.image_size = image_size
+        self.classes = [f"class_{k}" for k in range(num_classes)]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = classification_image(self.seed, index, len(self.classes), self.image_size)
+        return (self.transform(image) if self.transform else image), label
+
+
+class CheckedImageFolder(datasets.ImageFolder):
+    """ImageFolder whose errors name the path, with an opt-in to skip unreadable images.
+
+    With `skip_bad`, an unreadable image is replaced by the next readable one (the batch keeps its size) and
+    counted in `self.skipped`, a shared-memory tensor with one slot per loader worker (no cross-process races).
+    """
+
+    def __init__(self, root: Path, transform=None, skip_bad: bool = False) -> None:
+        if not root.is_dir():
+            raise FileNotFoundError(f"expected the ImageNet layout {root}/<class>/<image>, but {root} does not exist")
+        for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            if not any(f.is_file() for f in class_dir.iterdir()):
+                raise FileNotFoundError(f"class folder {class_dir} has no images")
+        super().__init__(str(root), transform=transform)
+        self.skip_bad = skip_bad
+        self.skipped = torch.zeros(256, dtype=torch.int64).share_memory_()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for offset in range(len(self.samples)):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                with Image.open(path) as f:
+                    image = f.convert("RGB")
+            except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for corrupt or truncated files
+                if not self.skip_bad:
+                    raise RuntimeError(f"cannot read image {path}: {e} (use --skip-bad-images to skip)") from e
+                worker = torch.utils.data.get_worker_info()
+                self.skipped[0 if worker is None else worker.id + 1] += 1
+                print(f"warning: skipping unreadable image {path}: {e}", flush=True)
+                continue
+            return (self.transform(image) if self.transform else image), target
+        raise RuntimeError(f"no readable image in {self.root}")
+
+
+def build_datasets(
+    data_path: str | None, train_tf, val_tf, *, skip_bad: bool = False, synthetic_size: int = 2000, seed: int = 0
+) -> tuple[Dataset, Dataset, list[str]]:
+    """(train, val, class names) from DATA/train and DATA/val, or the synthetic set when `data_path` is None."""
+    if data_path is None:
+        train = SyntheticShapes(synthetic_size, seed, train_tf)
+        val = SyntheticShapes(max(synthetic_size // 4, 10), seed + 1, val_tf)  # other seed: unseen images
+        return train, val, train.classes
+    train = CheckedImageFolder(Path(data_path) / "train", train_tf, skip_bad)
+    val = CheckedImageFolder(Path(data_path) / "val", val_tf, skip_bad)
+    if val.classes != train.classes:
+        raise ValueError(f"{data_path}/train and {data_path}/val have different class folders")
+    return train, val, train.classes
+
+
+def _mix_collate(mix: v2.Transform, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    return mix(*torch.utils.data.default_collate(batch))
+
+
+def mixup_cutmix(num_classes: int, mixup_alpha: float, cutmix_alpha: float):
+    """A collate_fn applying MixUp or CutMix (one of them per batch, at random) to the stacked batch, or None.
+    Targets become class probabilities [B, num_classes]."""
+    mixers = []
+    if mixup_alpha > 0:
+        mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    return partial(_mix_collate, v2.RandomChoice(mixers)) if mixers else None
+
+
+def build_loaders(
+    train: Dataset, val: Dataset, *, batch_size: int, workers: int, rank: int, world_size: int, seed: int,
+    pin_memory: bool = False, collate_fn=None,
+) -> tuple[DataLoader, DataLoader]:
+    """Training batches shuffled per epoch by (seed, epoch) (call `sampler.set_epoch`), last partial batch dropped
+    so every step has the same shape; validation split into disjoint strided shards, so each image is counted
+    exactly once over all ranks (no padding duplicates). Workers are not persistent: each epoch's workers are
+    seeded from the global RNG, which a checkpoint restores, so a resumed run augments exactly as an
+    uninterrupted one."""
+    sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    common = dict(num_workers=workers, pin_memory=pin_memory)
+    train_loader = DataLoader(train, batch_size, sampler=sampler, drop_last=True, collate_fn=collate_fn, **common)
+    shard = Subset(val, range(rank, len(val), world_size))
+    # its own generator: evaluating (or not) must not move the global RNG that training draws from
+    val_loader = DataLoader(shard, batch_size, shuffle=False, generator=torch.Generator(), **common)
+    return train_loader, val_loader
+
+
+def default_workers() -> int:
+    """The CPUs this process may use, shared among the ranks on this node, one left for the training loop; at most 8."""
+    per_rank = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return min(8, max(0, per_rank - 1))

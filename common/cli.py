@@ -1,0 +1,32 @@
+"""Command-line pieces both training scripts share: the help formatter and the runtime flags."""
+import argparse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keep the description's line breaks (it holds example commands) and show every flag's default."""
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
+    """Where and how a run executes, saves and logs: the same flags for classification and detection."""
+    g = parser.add_argument_group("device and performance")
+    g.add_argument("--device", default="auto", help="auto (npu, then cuda, then cpu), npu, cuda, cpu; or npu:N, cuda:N")
+    g.add_argument("--workers", type=int, help="data-loader processes per device (default: its CPUs - 1, at most 8)")
+    g.add_argument("--amp", action="store_true", help="mixed precision: fp16 + loss scaling on npu/cuda, bf16 on cpu")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on GPUs)")
+    g.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across devices")
+    g.add_argument("--bind-cores", action="store_true",
+                   help="ARM servers: pin each rank and its loader workers to its own CPU slice (dist_train_arm.sh)")
+    g.add_argument("--jit-compile", action="store_true", help="NPU: compile operators online (default: binary kernels)")
+    g = parser.add_argument_group("checkpoints, logging, evaluation")
+    g.add_argument("--output-dir", default=output_dir, help="checkpoints (last.pth, best.pth) and log.jsonl")
+    g.add_argument("--resume", default="", help="checkpoint to continue exactly, or 'auto' for OUTPUT_DIR/last.pth")
+    g.add_argument("--weights", help="initial model weights only (ours, torchvision's or OpenMMLab's; see README)")
+    g.add_argument("--keep", type=int, default=0, help="also keep the newest N epoch_NNNN.pth files")
+    g.add_argument("--test-only", action="store_true", help="evaluate --weights (or --resume) and exit")
+    g.add_argument("--eval-interval", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    g.add_argument("--print-freq", type=int, default=20, help="iterations between log lines")
+    g.add_argument("--ema", action="store_true", help="keep and evaluate an exponential moving average of the weights")
+    g.add_argument("--ema-decay", type=float, default=0.9998)
+    g.add_argument("--ema-steps", type=int, default=1, help="update the EMA every this many optimizer steps")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--deterministic", action="store_true", help="deterministic kernels: bit-exact reruns and resumes")

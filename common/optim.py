@@ -1,0 +1,79 @@
+"""Optimizer, learning-rate schedule and EMA, as small functions.
+
+The LR is a pure function of the global optimizer step (`lr_at`), set on the optimizer every step, so a resumed
+run recomputes it from the step it stored and cannot drift from an uninterrupted one.
+"""
+import bisect
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights of convs and linears decay, norm scales/shifts and biases (1-d tensors) do not.
+
+    Decaying BN's gamma/beta or biases only fights the normalisation (Goyal et al. 2017, "no bias decay").
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(
+    name: str, model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4
+) -> torch.optim.Optimizer:
+    """sgd (mmcls/torchvision ResNet recipe), adamw, or rmsprop with TensorFlow's alpha/eps (MobileNet/EfficientNet
+    recipes: eps 0.0316 ~ sqrt(1e-3) because TF puts eps inside the square root)."""
+    groups = param_groups(model, weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, eps=0.0316, momentum=momentum)
+    raise ValueError(f"unknown optimizer {name!r}: choose sgd, adamw or rmsprop")
+
+
+def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> float:
+    """Linear scaling rule (Goyal et al. 2017): the LR grows with the images per optimizer step."""
+    return base_lr * global_batch / reference_batch
+
+
+def lr_at(
+    step: int,
+    *,
+    base_lr: float,
+    total_steps: int,
+    schedule: str = "cosine",
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+    warmup_steps: int = 0,
+    warmup_factor: float = 0.001,
+    min_lr: float = 0.0,
+) -> float:
+    """Learning rate at optimizer step `step` (0-based).
+
+    schedule "cosine": base_lr -> min_lr along half a cosine over [warmup_steps, total_steps] (SGDR without
+    restarts); "multistep": base_lr * gamma ** (number of milestones <= step). During warmup the scheduled LR is
+    multiplied by a factor rising linearly from `warmup_factor` to 1, as mmcv's/mmengine's LinearLR does.
+    """
+    if schedule == "cosine":
+        progress = min(1.0, max(0, step - warmup_steps) / max(1, total_steps - warmup_steps))
+        lr = min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif schedule == "multistep":
+        lr = base_lr * gamma ** bisect.bisect_right(sorted(milestones), step)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}: choose cosine or multistep")
+    if step < warmup_steps:
+        lr *= warmup_factor + (1 - warmup_factor) * step / warmup_steps
+    return lr
+
+
+def ema_model(model: nn.Module, decay: float) -> AveragedModel:
+    """Exponential moving average of weights and buffers (BN statistics too), evaluated beside the model."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

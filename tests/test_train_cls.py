@@ -1,0 +1,125 @@
+"""train_cls.py end to end: exact resume, checkpoint formats for --weights, torchrun, bad input, and learning."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.checkpoint import load_checkpoint
+from common.synthetic import classification_image
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--arch", "resnet18", "--device", "cpu", "--batch-size", "16", "--print-freq", "1"]
+
+
+def train(*args: str, expect_ok: bool = True, launcher: tuple[str, ...] = (sys.executable,)):
+    """Run train_cls.py in a fresh interpreter (torchrun via `launcher`); by default insist that it succeeds."""
+    result = subprocess.run([*launcher, "train_cls.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if expect_ok:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def make_image_folder(root: Path, per_class: int = 4, classes: int = 2) -> Path:
+    for split, seed in (("train", 0), ("val", 1)):
+        for k in range(classes):
+            (root / split / f"c{k}").mkdir(parents=True)
+            for i in range(per_class):
+                image, _ = classification_image(seed, i * classes + k, classes, 40)
+                image.save(root / split / f"c{k}" / f"{i}.jpg")
+    return root
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """4 steps in one go == 2 steps, stop, resume, 2 more: weights, optimizer, EMA and RNG all carried over."""
+    common = [*TINY, "--synthetic-size", "32", "--workers", "1", "--deterministic", "--ema", "--warmup-epochs", "1",
+              "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0", "--eval-interval", "2"]
+    train(*common, "--epochs", "2", "--output-dir", str(tmp_path / "straight"))
+    train(*common, "--epochs", "1", "--output-dir", str(tmp_path / "resumed"))
+    log = train(*common, "--epochs", "2", "--output-dir", str(tmp_path / "resumed"), "--resume", "auto")
+    assert "resumed from" in log.stdout
+    a, b = (load_checkpoint(tmp_path / d / "last.pth") for d in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["model_ema"]:
+        assert torch.equal(a["model_ema"][key], b["model_ema"][key]), key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+
+
+def test_weights_from_torchvision_and_mmpretrain_formats(tmp_path):
+    from torchvision.models import resnet18
+
+    from tests.mmpretrain_fixture import load_fixture, seeded_state_dict
+
+    tv = resnet18(num_classes=10).state_dict()
+    torch.save(tv, tmp_path / "tv.pth")
+    out = train(*TINY, "--synthetic-size", "32", "--test-only", "--weights", str(tmp_path / "tv.pth"))
+    assert "weights:" not in out.stdout and "top-1" in out.stdout  # every key fitted: nothing reported
+    # an mmpretrain ResNet-50 checkpoint (1000 classes) into a 10-class model: only the head is reported
+    mm = {"meta": {"epoch": 100}, "state_dict": seeded_state_dict(load_fixture("resnet50")["keys"])}
+    torch.save(mm, tmp_path / "mm.pth")
+    out = train("--arch", "resnet50", "--device", "cpu", "--synthetic-size", "32", "--batch-size", "16",
+                "--test-only", "--weights", str(tmp_path / "mm.pth"))
+    assert "2 shape mismatch key(s)" in out.stdout and "fc.weight: checkpoint (1000, 2048)" in out.stdout
+    assert "missing" not in out.stdout and "unexpected" not in out.stdout
+
+
+def test_torchrun_two_processes_count_each_val_image_once(tmp_path):
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531")
+    out = train(*TINY, "--synthetic-size", "72", "--batch-size", "8", "--epochs", "1", "--workers", "0",
+                "--output-dir", str(tmp_path), launcher=launcher)
+    assert "2 process(es)" in out.stdout
+    assert "(18 images)" in out.stdout  # 72 // 4 validation images, sharded without padding
+    assert "global batch 16" in out.stdout
+    assert (tmp_path / "last.pth").exists() and (tmp_path / "best.pth").exists()
+
+
+def test_image_folder_training_and_bad_input(tmp_path):
+    root = make_image_folder(tmp_path / "data")
+    (root / "train" / "c0" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    fail = train(*TINY, "--data-path", str(root), "--epochs", "1", "--workers", "0", "--batch-size", "3",
+                 "--output-dir", str(tmp_path / "o1"), expect_ok=False)
+    assert fail.returncode != 0 and "cannot read image" in fail.stderr and "broken.jpg" in fail.stderr
+    ok = train(*TINY, "--data-path", str(root), "--epochs", "1", "--workers", "0", "--batch-size", "3",
+               "--skip-bad-images", "--output-dir", str(tmp_path / "o2"))
+    assert "skipping unreadable image" in ok.stdout and "unreadable training images skipped" in ok.stdout
+    assert "9 train / 8 val images, 2 classes" in ok.stdout
+    assert load_checkpoint(tmp_path / "o2" / "last.pth")["extra"]["classes"] == ["c0", "c1"]
+
+    missing = train(*TINY, "--data-path", str(tmp_path / "nowhere"), expect_ok=False)
+    assert "expected the ImageNet layout" in missing.stderr and "nowhere/train" in missing.stderr
+    for image in (root / "val" / "c1").iterdir():
+        image.unlink()
+    empty = train(*TINY, "--data-path", str(root), expect_ok=False)
+    assert f"class folder {root / 'val' / 'c1'} has no images" in empty.stderr
+    unknown = train("--arch", "resnet9000", expect_ok=False)
+    assert "invalid choice: 'resnet9000'" in unknown.stderr and "efficientnet_b4" in unknown.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    args = [*TINY, "--synthetic-size", "32", "--workers", "0", "--output-dir", str(tmp_path)]
+    train(*args, "--epochs", "1")
+    before = load_checkpoint(tmp_path / "last.pth")
+    out = train(*args, "--epochs", "2", "--resume", "auto", "--lr", "1e30", expect_ok=False)
+    assert out.returncode == 1 and "loss became non-finite in epoch 1" in out.stderr
+    after = load_checkpoint(tmp_path / "last.pth")
+    assert after["epoch"] == before["epoch"] == 1
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+@pytest.mark.convergence
+def test_resnet18_learns_synthetic_shapes(tmp_path):
+    """~370 steps of ResNet-18 on the synthetic set (about 80 s here). It reached 64-75 % top-1 in our runs; the
+    assertion asks for five times chance (10 %), far from run-to-run noise."""
+    train("--arch", "resnet18", "--device", "cpu", "--epochs", "6", "--synthetic-size", "2000", "--batch-size", "32",
+          "--lr", "0.4", "--lr-scheduler", "cosine", "--warmup-epochs", "1", "--workers", "1", "--print-freq", "50",
+          "--output-dir", str(tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["mode"] == "val"]
+    print("top-1 per epoch:", [r["top1"] for r in val])
+    assert val[-1]["top1"] > 50.0
+    assert val[-1]["loss"] < 0.5 * val[0]["loss"]

@@ -1,0 +1,231 @@
+"""Train and evaluate an image classifier on ImageNet-layout folders, or on the built-in synthetic set.
+
+  python train_cls.py --arch resnet18 --device cpu --epochs 1            # synthetic shapes, no download
+  python train_cls.py --arch resnet50 --device npu --data-path /data/imagenet
+  torchrun --nproc_per_node 8 train_cls.py --arch resnet50 --device npu --data-path /data/imagenet
+
+Defaults reproduce mmcls's ResNet-50 recipe (resnet50_8xb32_in1k): batch 32 per device on 8 devices, SGD with
+LR 0.1 per 256 images (scaled linearly to the global batch), momentum 0.9, weight decay 1e-4, 100 epochs,
+LR x0.1 at epochs 30, 60 and 90.
+"""
+import argparse
+import contextlib
+from functools import partial
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from cls import data
+from cls.convert import to_our_names
+from cls.models import MODELS, build_model
+from cls.models.efficientnet import ADVPROP_MEAN, ADVPROP_STD
+from common import checkpoint as ckpt
+from common.cli import HelpFormatter, add_runtime_args
+from common.device import autocast, grad_scaler, resolve_device, seed_everything
+from common.dist import all_gather_objects, all_reduce_sum, bind_cores, cleanup, init_distributed, print0
+from common.logger import log_every, new_meters, write_json
+from common.optim import build_optimizer, ema_model, lr_at, scaled_lr
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--arch", default="resnet50", choices=MODELS, metavar="ARCH",
+                   help=f"architecture, one of: {', '.join(MODELS)}")
+    p.add_argument("--data-path", help="folder with train/<class>/* and val/<class>/*; omit for the synthetic set")
+    p.add_argument("--synthetic-size", type=int, default=2000, help="training images of the synthetic set (val: 1/4)")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images, don't fail")
+    p.add_argument("--batch-size", type=int, default=32, help="images per device per step (recipe: 32 x 8 devices)")
+    p.add_argument("--epochs", type=int, default=100)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--opt", default="sgd", choices=["sgd", "adamw", "rmsprop"])
+    g.add_argument("--lr", type=float, default=0.1, help="LR for 256 images per step; scaled to the global batch")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--wd", type=float, default=1e-4, help="weight decay (never on norm layers and biases)")
+    g.add_argument("--lr-scheduler", default="multistep", choices=["multistep", "step", "cosine"])
+    g.add_argument("--lr-steps", type=int, nargs="+", default=[30, 60, 90], help="multistep: epochs where LR drops")
+    g.add_argument("--lr-step-size", type=int, default=30, help="step: drop the LR every this many epochs")
+    g.add_argument("--lr-gamma", type=float, default=0.1, help="LR factor at each drop")
+    g.add_argument("--min-lr", type=float, default=0.0, help="cosine: final LR")
+    g.add_argument("--warmup-epochs", type=int, default=0, help="linear warmup from 0.001 x LR (mmcls ResNet: none)")
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    g = p.add_argument_group("augmentation and input")
+    g.add_argument("--auto-augment", choices=["ra", "ta_wide", "augmix"])
+    g.add_argument("--random-erase", type=float, default=0.0, help="probability of random erasing")
+    g.add_argument("--mixup-alpha", type=float, default=0.0)
+    g.add_argument("--cutmix-alpha", type=float, default=0.0)
+    g.add_argument("--train-crop-size", type=int, help="default: the architecture's (224; EfficientNet its own)")
+    g.add_argument("--val-resize-size", type=int)
+    g.add_argument("--val-crop-size", type=int)
+    g.add_argument("--advprop", action="store_true",
+                   help="EfficientNet: TF 'SAME' padding and [-1, 1] inputs, as the seed's B4 AA+AdvProp weights need")
+    add_runtime_args(p, output_dir="output/cls")
+    return p
+
+
+def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch: int, step: int, lr_of, args,
+                    model_ema=None) -> int:
+    """One pass over `loader`; returns the global optimizer step reached."""
+    model.train()
+    meters, finite = new_meters(), torch.ones((), dtype=torch.bool, device=device)
+    optimizer.zero_grad(set_to_none=True)
+    batches = log_every(loader, meters, print_freq=args.print_freq, header=f"Epoch [{epoch}]", device=device,
+                        images_per_iter=args.batch_size * args.world_size, log_file=args.log_file,
+                        tags={"mode": "train", "epoch": epoch})
+    for i, (images, targets) in enumerate(batches):
+        images = images.to(device, non_blocking=True, memory_format=args.memory_format)
+        targets = targets.to(device, non_blocking=True)
+        boundary = (i + 1) % args.accum_steps == 0
+        # DDP: all-reduce gradients only on the micro-batch that ends an accumulation
+        ddp = isinstance(model, DistributedDataParallel)
+        with model.no_sync() if ddp and not boundary else contextlib.nullcontext():
+            with autocast(device, args.amp):
+                loss = criterion(model(images), targets)
+            scaler.scale(loss / args.accum_steps).backward()
+        finite &= torch.isfinite(loss)
+        if boundary:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_of(step)
+            if args.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if model_ema is not None and step % args.ema_steps == 0:
+                model_ema.update_parameters(model.module if ddp else model)
+        meters["loss"].append(loss.detach())
+        meters["lr"].append(optimizer.param_groups[0]["lr"])
+        if (i + 1) % args.print_freq == 0 or i + 1 == len(loader):  # host syncs here anyway, to print
+            if all_reduce_sum((~finite).float()) > 0:  # every rank stops together
+                raise SystemExit(f"error: the loss became non-finite in epoch {epoch} (near step {step}); stopping "
+                                 f"without saving. The last good checkpoint is {args.output_dir}/last.pth")
+    return step
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, args, header: str = "Test") -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean loss over the whole validation set, each image counted once."""
+    model.eval()
+    totals = torch.zeros(4, device=device)  # [sum of losses, top-1 hits, top-5 hits, images]
+    batches = log_every(loader, new_meters(), print_freq=args.print_freq, header=header, device=device,
+                        images_per_iter=args.batch_size * args.world_size)
+    for images, targets in batches:
+        images = images.to(device, non_blocking=True, memory_format=args.memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, args.amp):
+            logits = model(images).float()
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]  # [B, 5]
+        loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
+        n = torch.tensor(len(targets), device=device)
+        totals += torch.stack([loss, hits[:, 0].sum(), hits.any(dim=1).sum(), n])
+    loss, top1, top5, n = all_reduce_sum(totals).tolist()
+    stats = {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "images": int(n)}
+    print0(f"{header}: top-1 {stats['top1']:.3f}  top-5 {stats['top5']:.3f}  loss {stats['loss']:.4f}  "
+           f"({int(n)} images)")
+    return stats
+
+
+def main(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device, args.jit_compile)
+    rank, args.world_size = init_distributed(device)
+    cores = bind_cores() if args.bind_cores else None
+    workers = args.workers if args.workers is not None else len(cores) if cores else data.default_workers()
+    seed_everything(args.seed + rank, args.deterministic)
+    args.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    args.log_file = ckpt.prepare_output_dir(args.output_dir) / "log.jsonl"
+    print0(f"device {device}, {args.world_size} process(es), {workers} loader workers each" +
+           (f", bound to CPUs {cores[0]}-{cores[-1]}" if cores else ""))
+
+    synthetic = args.data_path is None
+    train_crop, val_resize, val_crop, interpolation = data.default_sizes(args.arch, synthetic)
+    mean, std = (ADVPROP_MEAN, ADVPROP_STD) if args.advprop else (data.IMAGENET_MEAN, data.IMAGENET_STD)
+    train_tf = data.train_transform(args.train_crop_size or train_crop, interpolation, args.auto_augment,
+                                    args.random_erase, mean, std)
+    val_tf = data.eval_transform(args.val_resize_size or val_resize, args.val_crop_size or val_crop, interpolation,
+                                 mean, std)
+    train_set, val_set, classes = data.build_datasets(args.data_path, train_tf, val_tf, skip_bad=args.skip_bad_images,
+                                                      synthetic_size=args.synthetic_size, seed=args.seed)
+    train_loader, val_loader = data.build_loaders(
+        train_set, val_set, batch_size=args.batch_size, workers=workers, rank=rank, world_size=args.world_size,
+        seed=args.seed, pin_memory=device.type != "cpu",
+        collate_fn=data.mixup_cutmix(len(classes), args.mixup_alpha, args.cutmix_alpha))
+    print0(f"{'synthetic shapes' if synthetic else args.data_path}: {len(train_set)} train / {len(val_set)} val "
+           f"images, {len(classes)} classes")
+
+    model = build_model(args.arch, num_classes=len(classes), **({"tf_same_padding": True} if args.advprop else {}))
+    if args.weights:
+        ckpt.load_model_weights(model, to_our_names(args.arch, ckpt.load_checkpoint(args.weights)))
+    model.to(device, memory_format=args.memory_format)
+    if args.sync_bn and args.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model_without_ddp = model
+    if args.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device.index])
+    model_ema = ema_model(model_without_ddp, args.ema_decay) if args.ema else None
+
+    global_batch = args.batch_size * args.world_size * args.accum_steps
+    lr = scaled_lr(args.lr, global_batch)
+    print0(f"LR {args.lr} per 256 images x global batch {global_batch} / 256 = {lr:g}")
+    optimizer = build_optimizer(args.opt, model_without_ddp, lr, args.momentum, args.wd)
+    scaler = grad_scaler(device, args.amp)
+    steps_per_epoch = len(train_loader) // args.accum_steps
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(train_set)} training images make no full step of {global_batch} images")
+    drops = args.lr_steps if args.lr_scheduler == "multistep" else range(args.lr_step_size, args.epochs,
+                                                                         args.lr_step_size)
+    lr_of = partial(lr_at, base_lr=lr, total_steps=args.epochs * steps_per_epoch,
+                    schedule="cosine" if args.lr_scheduler == "cosine" else "multistep",
+                    milestones=[e * steps_per_epoch for e in drops], gamma=args.lr_gamma,
+                    warmup_steps=args.warmup_epochs * steps_per_epoch, min_lr=args.min_lr)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+
+    start_epoch, step, best = 0, 0, 0.0
+    resume = ckpt.resume_path(args.resume, args.output_dir)
+    if resume:
+        state = ckpt.load_checkpoint(resume)
+        model_without_ddp.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if model_ema is not None and state["model_ema"] is not None:
+            model_ema.load_state_dict(state["model_ema"])
+        start_epoch, step, best = state["epoch"], state["step"], state["best_metric"]
+        ckpt.restore_rng(state["rng"], rank, args.world_size, device)
+        print0(f"resumed from {resume}: epoch {start_epoch}, step {step}")
+
+    if args.test_only:
+        evaluate(model, val_loader, device, args)
+        if model_ema is not None:
+            evaluate(model_ema, val_loader, device, args, header="Test (EMA)")
+        cleanup()
+        return
+
+    for epoch in range(start_epoch, args.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        step = train_one_epoch(model, criterion, optimizer, scaler, train_loader, device, epoch, step, lr_of, args,
+                               model_ema)
+        if hasattr(train_set, "skipped") and (skipped := int(all_reduce_sum(train_set.skipped).sum())):
+            print0(f"warning: {skipped} unreadable training images skipped so far")
+        is_best = False
+        if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs:
+            stats = evaluate(model, val_loader, device, args)
+            write_json(args.log_file, {"mode": "val", "epoch": epoch, "step": step, **stats})
+            if model_ema is not None:
+                ema_stats = evaluate(model_ema, val_loader, device, args, header="Test (EMA)")
+                write_json(args.log_file, {"mode": "val_ema", "epoch": epoch, "step": step, **ema_stats})
+            is_best, best = stats["top1"] > best, max(best, stats["top1"])
+        ckpt.save_checkpoint({
+            "model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "model_ema": model_ema.state_dict() if model_ema is not None else None,
+            "epoch": epoch + 1, "step": step, "best_metric": best, "rng": all_gather_objects(ckpt.rng_state(device)),
+            "args": ckpt.plain_args(args), "extra": {"arch": args.arch, "classes": classes},
+        }, args.output_dir, is_best=is_best, keep=args.keep)
+    print0(f"done: best top-1 {best:.3f}; checkpoints in {args.output_dir}")
+    cleanup()
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
