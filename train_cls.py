@@ -15,6 +15,7 @@ from functools import partial
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torchvision.transforms import InterpolationMode
 
 from cls import data
 from cls.convert import to_our_names
@@ -42,23 +43,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=0.1, help="LR for 256 images per step; scaled to the global batch")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--wd", type=float, default=1e-4, help="weight decay (never on norm layers and biases)")
-    g.add_argument("--lr-scheduler", default="multistep", choices=["multistep", "step", "cosine"])
+    g.add_argument("--lr-scheduler", default="multistep", choices=["multistep", "step", "cosine", "poly"],
+                   help="multistep: x gamma at --lr-steps; step: every --lr-step-size epochs; "
+                        "cosine, poly: down to --min-lr")
     g.add_argument("--lr-steps", type=int, nargs="+", default=[30, 60, 90], help="multistep: epochs where LR drops")
     g.add_argument("--lr-step-size", type=int, default=30, help="step: drop the LR every this many epochs")
     g.add_argument("--lr-gamma", type=float, default=0.1, help="LR factor at each drop")
-    g.add_argument("--min-lr", type=float, default=0.0, help="cosine: final LR")
+    g.add_argument("--min-lr", type=float, default=0.0, help="cosine, poly: final LR")
     g.add_argument("--warmup-epochs", type=int, default=0, help="linear warmup from 0.001 x LR (mmcls ResNet: none)")
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
     g = p.add_argument_group("augmentation and input")
-    g.add_argument("--auto-augment", choices=["ra", "ta_wide", "augmix"])
+    g.add_argument("--auto-augment", choices=["ra", "ta_wide", "augmix", "imagenet"],
+                   help="RandAugment, TrivialAugmentWide, AugMix or AutoAugment's ImageNet policy")
     g.add_argument("--random-erase", type=float, default=0.0, help="probability of random erasing")
     g.add_argument("--mixup-alpha", type=float, default=0.0)
     g.add_argument("--cutmix-alpha", type=float, default=0.0)
     g.add_argument("--train-crop-size", type=int, help="default: the architecture's (224; EfficientNet its own)")
     g.add_argument("--val-resize-size", type=int)
     g.add_argument("--val-crop-size", type=int)
+    g.add_argument("--interpolation", choices=["bilinear", "bicubic"], help="default: the architecture's")
     g.add_argument("--advprop", action="store_true",
                    help="EfficientNet: TF 'SAME' padding and [-1, 1] inputs, as the seed's B4 AA+AdvProp weights need")
     add_runtime_args(p, output_dir="output/cls")
@@ -142,6 +147,7 @@ def main(args: argparse.Namespace) -> None:
 
     synthetic = args.data_path is None
     train_crop, val_resize, val_crop, interpolation = data.default_sizes(args.arch, synthetic)
+    interpolation = InterpolationMode(args.interpolation) if args.interpolation else interpolation
     mean, std = (ADVPROP_MEAN, ADVPROP_STD) if args.advprop else (data.IMAGENET_MEAN, data.IMAGENET_STD)
     train_tf = data.train_transform(args.train_crop_size or train_crop, interpolation, args.auto_augment,
                                     args.random_erase, mean, std)
@@ -161,7 +167,10 @@ def main(args: argparse.Namespace) -> None:
         ckpt.load_model_weights(model, to_our_names(args.arch, ckpt.load_checkpoint(args.weights)))
     model.to(device, memory_format=args.memory_format)
     if args.sync_bn and args.world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cpu":
+            print0("warning: --sync-bn ignored: torch's SyncBatchNorm runs on npu/cuda only")
+        else:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model_without_ddp = model
     if args.world_size > 1:
         model = DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device.index])
@@ -178,7 +187,7 @@ def main(args: argparse.Namespace) -> None:
     drops = args.lr_steps if args.lr_scheduler == "multistep" else range(args.lr_step_size, args.epochs,
                                                                          args.lr_step_size)
     lr_of = partial(lr_at, base_lr=lr, total_steps=args.epochs * steps_per_epoch,
-                    schedule="cosine" if args.lr_scheduler == "cosine" else "multistep",
+                    schedule="multistep" if args.lr_scheduler == "step" else args.lr_scheduler,
                     milestones=[e * steps_per_epoch for e in drops], gamma=args.lr_gamma,
                     warmup_steps=args.warmup_epochs * steps_per_epoch, min_lr=args.min_lr)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)

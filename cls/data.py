@@ -36,7 +36,8 @@ def train_transform(
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> v2.Compose:
-    """RandomResizedCrop + horizontal flip (+ RandAugment / TrivialAugmentWide / AugMix, + random erasing)."""
+    """RandomResizedCrop + horizontal flip (+ RandAugment / TrivialAugmentWide / AugMix / AutoAugment,
+    + random erasing)."""
     ops = [v2.PILToTensor(), v2.RandomResizedCrop(crop_size, interpolation=interpolation, antialias=True),
            v2.RandomHorizontalFlip()]
     if auto_augment == "ra":
@@ -45,8 +46,10 @@ def train_transform(
         ops.append(v2.TrivialAugmentWide(interpolation=interpolation))
     elif auto_augment == "augmix":
         ops.append(v2.AugMix(interpolation=interpolation))
+    elif auto_augment == "imagenet":  # AutoAugment's ImageNet policy (Cubuk et al. 2019), mmcls's "imagenet"
+        ops.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=interpolation))
     elif auto_augment is not None:
-        raise ValueError(f"unknown --auto-augment {auto_augment!r}: choose ra, ta_wide or augmix")
+        raise ValueError(f"unknown --auto-augment {auto_augment!r}: choose ra, ta_wide, augmix or imagenet")
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if random_erase > 0:
         ops.append(v2.RandomErasing(p=random_erase))

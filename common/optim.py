@@ -59,16 +59,19 @@ def lr_at(
     """Learning rate at optimizer step `step` (0-based).
 
     schedule "cosine": base_lr -> min_lr along half a cosine over [warmup_steps, total_steps] (SGDR without
-    restarts); "multistep": base_lr * gamma ** (number of milestones <= step). During warmup the scheduled LR is
+    restarts); "poly": base_lr -> min_lr linearly over the same span (mmengine's PolyLR, power 1);
+    "multistep": base_lr * gamma ** (number of milestones <= step). During warmup the scheduled LR is
     multiplied by a factor rising linearly from `warmup_factor` to 1, as mmcv's/mmengine's LinearLR does.
     """
+    progress = min(1.0, max(0, step - warmup_steps) / max(1, total_steps - warmup_steps))
     if schedule == "cosine":
-        progress = min(1.0, max(0, step - warmup_steps) / max(1, total_steps - warmup_steps))
         lr = min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif schedule == "poly":
+        lr = min_lr + (base_lr - min_lr) * (1 - progress)
     elif schedule == "multistep":
         lr = base_lr * gamma ** bisect.bisect_right(sorted(milestones), step)
     else:
-        raise ValueError(f"unknown schedule {schedule!r}: choose cosine or multistep")
+        raise ValueError(f"unknown schedule {schedule!r}: choose cosine, poly or multistep")
     if step < warmup_steps:
         lr *= warmup_factor + (1 - warmup_factor) * step / warmup_steps
     return lr

@@ -24,7 +24,7 @@ def test_default_sizes_follow_the_recipes():
     assert data.default_sizes("efficientnet_b4", synthetic=True)[:3] == (64, 73, 64)
 
 
-@pytest.mark.parametrize("auto_augment", [None, "ra", "ta_wide", "augmix"])
+@pytest.mark.parametrize("auto_augment", [None, "ra", "ta_wide", "augmix", "imagenet"])
 def test_presets(auto_augment):
     image, _ = data.SyntheticShapes(1, seed=0)[0]
     x = data.train_transform(48, auto_augment=auto_augment, random_erase=0.5)(image)

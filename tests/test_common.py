@@ -81,6 +81,7 @@ def test_lr_schedules():
     assert lr_at(0, **kw) == 1.0 and lr_at(100, **kw) == pytest.approx(0.0)
     assert lr_at(50, **kw) == pytest.approx(0.5)
     assert lr_at(50, **kw, min_lr=0.2) == pytest.approx(0.6)
+    assert [lr_at(s, **kw, schedule="poly") for s in (0, 25, 100)] == pytest.approx([1.0, 0.75, 0.0])
     steps = dict(base_lr=1.0, total_steps=100, schedule="multistep", milestones=[30, 60], gamma=0.1)
     assert [lr_at(s, **steps) for s in (0, 29, 30, 59, 60, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
     warm = dict(steps, warmup_steps=10, warmup_factor=0.001)
@@ -92,7 +93,7 @@ def test_lr_schedules():
     assert lr_at(60, base_lr=1.0, total_steps=110, warmup_steps=10) == pytest.approx(0.5)
     assert scaled_lr(0.1, 512) == pytest.approx(0.2)
     with pytest.raises(ValueError, match="unknown schedule"):
-        lr_at(0, base_lr=1.0, total_steps=10, schedule="poly")
+        lr_at(0, base_lr=1.0, total_steps=10, schedule="exponential")
 
 
 def test_no_weight_decay_on_norms_and_biases():

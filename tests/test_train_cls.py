@@ -68,14 +68,20 @@ def test_weights_from_torchvision_and_mmpretrain_formats(tmp_path):
     assert "missing" not in out.stdout and "unexpected" not in out.stdout
 
 
-def test_torchrun_two_processes_count_each_val_image_once(tmp_path):
+def test_torchrun_two_processes(tmp_path):
+    """DDP over gloo with AMP (bf16 on CPU), channels-last, gradient accumulation and clipping; validation
+    images sharded without padding, so each is counted once."""
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531")
-    out = train(*TINY, "--synthetic-size", "72", "--batch-size", "8", "--epochs", "1", "--workers", "0",
+    out = train(*TINY, "--synthetic-size", "72", "--batch-size", "8", "--epochs", "1", "--workers", "0", "--amp",
+                "--channels-last", "--accum-steps", "2", "--clip-grad", "1.0", "--sync-bn",
                 "--output-dir", str(tmp_path), launcher=launcher)
     assert "2 process(es)" in out.stdout
-    assert "(18 images)" in out.stdout  # 72 // 4 validation images, sharded without padding
-    assert "global batch 16" in out.stdout
-    assert (tmp_path / "last.pth").exists() and (tmp_path / "best.pth").exists()
+    assert "(18 images)" in out.stdout  # 72 // 4 validation images over 2 ranks
+    assert "global batch 32" in out.stdout  # 8 per device x 2 devices x 2 micro-batches
+    assert "--sync-bn ignored" in out.stdout  # torch has no CPU SyncBatchNorm
+    state = load_checkpoint(tmp_path / "last.pth")
+    assert state["step"] == 2 and len(state["rng"]) == 2  # 36 images per rank = 4 micro-batches = 2 steps
+    assert (tmp_path / "best.pth").exists()
 
 
 def test_image_folder_training_and_bad_input(tmp_path):
