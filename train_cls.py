@@ -10,7 +10,6 @@ LR x0.1 at epochs 30, 60 and 90.
 """
 import argparse
 import contextlib
-from functools import partial
 
 import torch
 from torch import nn
@@ -22,11 +21,11 @@ from cls.convert import to_our_names
 from cls.models import MODELS, build_model
 from cls.models.efficientnet import ADVPROP_MEAN, ADVPROP_STD
 from common import checkpoint as ckpt
-from common.cli import HelpFormatter, add_runtime_args
-from common.device import autocast, grad_scaler, resolve_device, seed_everything
-from common.dist import all_gather_objects, all_reduce_sum, bind_cores, cleanup, init_distributed, print0
+from common.cli import HelpFormatter, add_runtime_args, setup_runtime
+from common.device import autocast, grad_scaler
+from common.dist import all_reduce_sum, cleanup, print0, stop_if_not_finite
 from common.logger import log_every, new_meters, write_json
-from common.optim import build_optimizer, ema_model, lr_at, scaled_lr
+from common.optim import apply_gradients, build_optimizer, ema_model, epoch_schedule, scaled_lr
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -91,23 +90,14 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch: 
             scaler.scale(loss / args.accum_steps).backward()
         finite &= torch.isfinite(loss)
         if boundary:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_of(step)
-            if args.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            apply_gradients(optimizer, scaler, model.parameters(), lr=lr_of(step), clip_grad=args.clip_grad)
             step += 1
             if model_ema is not None and step % args.ema_steps == 0:
                 model_ema.update_parameters(model.module if ddp else model)
         meters["loss"].append(loss.detach())
         meters["lr"].append(optimizer.param_groups[0]["lr"])
-        if (i + 1) % args.print_freq == 0 or i + 1 == len(loader):  # host syncs here anyway, to print
-            if all_reduce_sum((~finite).float()) > 0:  # every rank stops together
-                raise SystemExit(f"error: the loss became non-finite in epoch {epoch} (near step {step}); stopping "
-                                 f"without saving. The last good checkpoint is {args.output_dir}/last.pth")
+        if (i + 1) % args.print_freq == 0 or i + 1 == len(loader):  # the host syncs here anyway, to print
+            stop_if_not_finite(finite, epoch, step, args.output_dir)
     return step
 
 
@@ -135,15 +125,7 @@ def evaluate(model, loader, device, args, header: str = "Test") -> dict[str, flo
 
 
 def main(args: argparse.Namespace) -> None:
-    device = resolve_device(args.device, args.jit_compile)
-    rank, args.world_size = init_distributed(device)
-    cores = bind_cores() if args.bind_cores else None
-    workers = args.workers if args.workers is not None else len(cores) if cores else data.default_workers()
-    seed_everything(args.seed + rank, args.deterministic)
-    args.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    args.log_file = ckpt.prepare_output_dir(args.output_dir) / "log.jsonl"
-    print0(f"device {device}, {args.world_size} process(es), {workers} loader workers each" +
-           (f", bound to CPUs {cores[0]}-{cores[-1]}" if cores else ""))
+    device, rank = setup_runtime(args, data.default_workers())
 
     synthetic = args.data_path is None
     train_crop, val_resize, val_crop, interpolation = data.default_sizes(args.arch, synthetic)
@@ -156,7 +138,7 @@ def main(args: argparse.Namespace) -> None:
     train_set, val_set, classes = data.build_datasets(args.data_path, train_tf, val_tf, skip_bad=args.skip_bad_images,
                                                       synthetic_size=args.synthetic_size, seed=args.seed)
     train_loader, val_loader = data.build_loaders(
-        train_set, val_set, batch_size=args.batch_size, workers=workers, rank=rank, world_size=args.world_size,
+        train_set, val_set, batch_size=args.batch_size, workers=args.workers, rank=rank, world_size=args.world_size,
         seed=args.seed, pin_memory=device.type != "cpu",
         collate_fn=data.mixup_cutmix(len(classes), args.mixup_alpha, args.cutmix_alpha))
     print0(f"{'synthetic shapes' if synthetic else args.data_path}: {len(train_set)} train / {len(val_set)} val "
@@ -186,24 +168,16 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {len(train_set)} training images make no full step of {global_batch} images")
     drops = args.lr_steps if args.lr_scheduler == "multistep" else range(args.lr_step_size, args.epochs,
                                                                          args.lr_step_size)
-    lr_of = partial(lr_at, base_lr=lr, total_steps=args.epochs * steps_per_epoch,
-                    schedule="multistep" if args.lr_scheduler == "step" else args.lr_scheduler,
-                    milestones=[e * steps_per_epoch for e in drops], gamma=args.lr_gamma,
-                    warmup_steps=args.warmup_epochs * steps_per_epoch, min_lr=args.min_lr)
+    lr_of = epoch_schedule(base_lr=lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
+                           schedule="multistep" if args.lr_scheduler == "step" else args.lr_scheduler, lr_steps=drops,
+                           gamma=args.lr_gamma, warmup_steps=args.warmup_epochs * steps_per_epoch, min_lr=args.min_lr)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
     start_epoch, step, best = 0, 0, 0.0
-    resume = ckpt.resume_path(args.resume, args.output_dir)
-    if resume:
-        state = ckpt.load_checkpoint(resume)
-        model_without_ddp.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if model_ema is not None and state["model_ema"] is not None:
-            model_ema.load_state_dict(state["model_ema"])
-        start_epoch, step, best = state["epoch"], state["step"], state["best_metric"]
-        ckpt.restore_rng(state["rng"], rank, args.world_size, device)
-        print0(f"resumed from {resume}: epoch {start_epoch}, step {step}")
+    if resume := ckpt.resume_path(args.resume, args.output_dir):
+        start_epoch, step, best = ckpt.restore_training_state(
+            resume, model=model_without_ddp, optimizer=optimizer, scaler=scaler, model_ema=model_ema, rank=rank,
+            world_size=args.world_size, device=device)
 
     if args.test_only:
         evaluate(model, val_loader, device, args)
@@ -226,12 +200,10 @@ def main(args: argparse.Namespace) -> None:
                 ema_stats = evaluate(model_ema, val_loader, device, args, header="Test (EMA)")
                 write_json(args.log_file, {"mode": "val_ema", "epoch": epoch, "step": step, **ema_stats})
             is_best, best = stats["top1"] > best, max(best, stats["top1"])
-        ckpt.save_checkpoint({
-            "model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "model_ema": model_ema.state_dict() if model_ema is not None else None,
-            "epoch": epoch + 1, "step": step, "best_metric": best, "rng": all_gather_objects(ckpt.rng_state(device)),
-            "args": ckpt.plain_args(args), "extra": {"arch": args.arch, "classes": classes},
-        }, args.output_dir, is_best=is_best, keep=args.keep)
+        state = ckpt.training_state(model=model_without_ddp, optimizer=optimizer, scaler=scaler, model_ema=model_ema,
+                                    epoch=epoch + 1, step=step, best=best, args=args, device=device,
+                                    extra={"arch": args.arch, "classes": classes})
+        ckpt.save_checkpoint(state, args.output_dir, is_best=is_best, keep=args.keep)
     print0(f"done: best top-1 {best:.3f}; checkpoints in {args.output_dir}")
     cleanup()
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.dist import is_main_process, print0
+from common.dist import all_gather_objects, is_main_process, print0
 
 
 def rng_state(device: torch.device) -> dict:
@@ -101,6 +101,34 @@ def resume_path(resume: str, output_dir: str | Path) -> Path | None:
         last = Path(output_dir) / "last.pth"
         return last if last.exists() else None
     return Path(resume)
+
+
+def training_state(
+    *, model: nn.Module, optimizer, scaler, model_ema, epoch: int, step: int, best: float, args, extra: dict,
+    device: torch.device,
+) -> dict:
+    """Everything `--resume` needs, as one plain dict. Collective: every rank must call it (RNG states are gathered)."""
+    return {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "model_ema": model_ema.state_dict() if model_ema is not None else None,
+        "epoch": epoch, "step": step, "best_metric": best, "rng": all_gather_objects(rng_state(device)),
+        "args": plain_args(args), "extra": extra,
+    }
+
+
+def restore_training_state(
+    path: Path, *, model: nn.Module, optimizer, scaler, model_ema, rank: int, world_size: int, device: torch.device
+) -> tuple[int, int, float]:
+    """Load a `training_state` checkpoint into the live objects; returns (next epoch, global step, best metric)."""
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if model_ema is not None and state["model_ema"] is not None:
+        model_ema.load_state_dict(state["model_ema"])
+    restore_rng(state["rng"], rank, world_size, device)
+    print0(f"resumed from {path}: epoch {state['epoch']}, step {state['step']}")
+    return state["epoch"], state["step"], state["best_metric"]
 
 
 def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, list[str]]:

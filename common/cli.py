@@ -1,5 +1,11 @@
-"""Command-line pieces both training scripts share: the help formatter and the runtime flags."""
+"""Command-line pieces both training scripts share: the help formatter, the runtime flags and their set-up."""
 import argparse
+
+import torch
+
+from common.checkpoint import prepare_output_dir
+from common.device import resolve_device, seed_everything
+from common.dist import bind_cores, init_distributed, print0
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -30,3 +36,19 @@ def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
     g.add_argument("--ema-steps", type=int, default=1, help="update the EMA every this many optimizer steps")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels: bit-exact reruns and resumes")
+
+
+def setup_runtime(args: argparse.Namespace, default_workers: int) -> tuple[torch.device, int]:
+    """Act on the runtime flags: pick the device, join torchrun's process group, bind cores, seed, and prepare
+    OUTPUT_DIR. Sets args.world_size, args.workers, args.memory_format and args.log_file; returns (device, rank)."""
+    device = resolve_device(args.device, args.jit_compile)
+    rank, args.world_size = init_distributed(device)
+    cores = bind_cores() if args.bind_cores else None
+    if args.workers is None:
+        args.workers = len(cores) if cores else default_workers
+    seed_everything(args.seed + rank, args.deterministic)
+    args.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    args.log_file = prepare_output_dir(args.output_dir) / "log.jsonl"
+    print0(f"device {device}, {args.world_size} process(es), {args.workers} loader workers each"
+           + (f", bound to CPUs {cores[0]}-{cores[-1]}" if cores else ""))
+    return device, rank

@@ -44,6 +44,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def stop_if_not_finite(finite: torch.Tensor, epoch: int, step: int, output_dir: str) -> None:
+    """Stop every rank together once any rank saw a non-finite loss (`finite` is a running bool tensor, checked
+    only where the loop syncs anyway); nothing is saved, so OUTPUT_DIR/last.pth stays the last good checkpoint."""
+    if all_reduce_sum((~finite).float()) > 0:
+        raise SystemExit(f"error: the loss became non-finite in epoch {epoch} (near step {step}); stopping "
+                         f"without saving. The last good checkpoint is {output_dir}/last.pth")
+
+
 def all_gather_objects(obj: object) -> list:
     """Every rank's `obj`, in rank order (for variable-length results such as detections)."""
     if not dist.is_initialized():

@@ -5,7 +5,8 @@ run recomputes it from the step it stored and cannot drift from an uninterrupted
 """
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -75,6 +76,31 @@ def lr_at(
     if step < warmup_steps:
         lr *= warmup_factor + (1 - warmup_factor) * step / warmup_steps
     return lr
+
+
+def epoch_schedule(
+    *, base_lr: float, epochs: int, steps_per_epoch: int, schedule: str, lr_steps: Sequence[int] = (),
+    gamma: float = 0.1, warmup_steps: int = 0, warmup_factor: float = 0.001, min_lr: float = 0.0,
+) -> Callable[[int], float]:
+    """`lr_at` for a run described in epochs (milestones `lr_steps` in epochs): a function of the global step."""
+    return partial(lr_at, base_lr=base_lr, total_steps=epochs * steps_per_epoch, schedule=schedule,
+                   milestones=[e * steps_per_epoch for e in lr_steps], gamma=gamma, warmup_steps=warmup_steps,
+                   warmup_factor=warmup_factor, min_lr=min_lr)
+
+
+def apply_gradients(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, parameters, *, lr: float, clip_grad: float = 0.0
+) -> None:
+    """One optimizer step on the accumulated gradients: set the LR, unscale and clip the global gradient norm
+    (if clip_grad > 0), step through the loss scaler (which skips steps with inf/NaN fp16 gradients), zero grads."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if clip_grad > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(parameters, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def ema_model(model: nn.Module, decay: float) -> AveragedModel:

@@ -1,0 +1,70 @@
+"""Inference post-processing with static shapes: candidate selection and exact class-aware greedy NMS, batched.
+
+`torchvision.ops.nms` has no NPU kernel (it falls back to the CPU) and returns a data-dependent number of boxes.
+Here every step is a dense tensor op over a fixed number of candidates, and results come back padded to
+`max_det` boxes per image with a `valid` mask.
+"""
+import torch
+from torch import Tensor
+
+from det.boxes import box_iou
+
+Detections = tuple[Tensor, Tensor, Tensor, Tensor]  # boxes [B, K, 4], scores [B, K], labels [B, K], valid [B, K]
+
+
+def _pad_to(k: int, boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor) -> Detections:
+    missing = k - scores.shape[1]
+    if missing <= 0:
+        return boxes, scores, labels, valid
+    pad = (0, missing)
+    return (torch.nn.functional.pad(boxes, (0, 0) + pad), torch.nn.functional.pad(scores, pad),
+            torch.nn.functional.pad(labels, pad), torch.nn.functional.pad(valid, pad))
+
+
+def topk_candidates(
+    scores: Tensor, boxes: Tensor, level_sizes: list[int], *, nms_pre: int, score_thr: float
+) -> Detections:
+    """mmdet's `filter_scores_and_topk`, per level and for a whole batch: the `nms_pre` highest (anchor, class)
+    scores above `score_thr` of each level, concatenated.
+
+    scores [B, A, C] (class probabilities), boxes [B, A, 4] decoded, A = sum(level_sizes).
+    Returns candidates [B, K, ...] with K = sum over levels of min(nms_pre, A_l * C); `valid` marks the real ones.
+    """
+    num_classes = scores.shape[2]
+    out = []
+    for level_scores, level_boxes in zip(scores.split(level_sizes, 1), boxes.split(level_sizes, 1), strict=True):
+        flat = level_scores.flatten(1)  # [B, A_l * C], anchor-major as mmdet flattens it
+        top, index = flat.topk(min(nms_pre, flat.shape[1]), dim=1)
+        anchor = torch.div(index, num_classes, rounding_mode="floor")
+        picked = level_boxes.gather(1, anchor[..., None].expand(-1, -1, 4))
+        out.append((picked, top, index % num_classes, top > score_thr))
+    return tuple(torch.cat(parts, dim=1) for parts in zip(*out, strict=True))
+
+
+def batched_nms(
+    boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor, *, iou_thr: float, max_det: int
+) -> Detections:
+    """Greedy NMS per image and class (torchvision's `batched_nms`), exactly, then the `max_det` best.
+
+    Cluster-NMS (Zheng et al. 2021, "Enhancing Geometric Factors in Model Learning and Inference", sec. 4): sort
+    by score; box i survives iff no *surviving* higher-scored box of its class overlaps it by more than iou_thr.
+    Iterating that rule from "all survive" fixes one more box per pass at least, and its only fixed point is the
+    greedy result, so the loop ends exactly there, usually after a few passes (bounded by the candidate count).
+    Inputs [B, K, ...]; outputs [B, max_det, ...] sorted by score, padding rows marked invalid.
+    """
+    order = scores.masked_fill(~valid, float("-inf")).argsort(dim=1, descending=True)  # [B, K]
+    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
+    scores, labels, valid = scores.gather(1, order), labels.gather(1, order), valid.gather(1, order)
+    k = scores.shape[1]
+    higher = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(diagonal=1)  # [j, i]: j ranks above i
+    suppresses = (box_iou(boxes, boxes) > iou_thr) & (labels[:, :, None] == labels[:, None, :]) & higher
+    keep = valid
+    for _ in range(k):
+        new_keep = valid & ~(suppresses & keep[:, :, None]).any(dim=1)  # [B, K]
+        if torch.equal(new_keep, keep):
+            break
+        keep = new_keep
+    boxes, scores, labels, keep = _pad_to(max_det, boxes, scores, labels, keep)
+    top, index = scores.masked_fill(~keep, float("-inf")).topk(max_det, dim=1)
+    return (boxes.gather(1, index[..., None].expand(-1, -1, 4)), top.masked_fill(top == float("-inf"), 0.0),
+            labels.gather(1, index), keep.gather(1, index))

@@ -1,0 +1,185 @@
+"""det/ core: boxes, anchors (against recorded mmdet anchors), the batched assigner and hard-negative mining
+(against per-image loop references written after mmdet's code), NMS (against torchvision), and compilation."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from det import anchors as A
+from det.assign import gather_gt, hard_negative_mask, max_iou_assign
+from det.boxes import box_iou, clip_boxes, decode_deltas, encode_deltas
+from det.nms import batched_nms, topk_candidates
+
+FIXTURE = json.loads((Path(__file__).parent / "data" / "mmdet_anchors.json").read_text())
+
+
+def random_boxes(generator: torch.Generator, shape: tuple[int, ...], canvas: float = 64.0) -> torch.Tensor:
+    xy = torch.rand(*shape, 2, generator=generator) * canvas * 0.8
+    wh = torch.rand(*shape, 2, generator=generator) * canvas * 0.5 + 2
+    return torch.cat([xy, xy + wh], dim=-1)
+
+
+def test_box_iou_matches_torchvision_and_broadcasts():
+    g = torch.Generator().manual_seed(0)
+    a, b = random_boxes(g, (3, 7)), random_boxes(g, (3, 5))
+    batched = box_iou(a, b)
+    for i in range(3):
+        torch.testing.assert_close(batched[i], torchvision.ops.box_iou(a[i], b[i]))
+    assert box_iou(torch.zeros(1, 4), torch.zeros(1, 4)).item() == 0.0  # padding rows: 0, not NaN
+
+
+def test_delta_coder_round_trip_and_mmdet_example():
+    g = torch.Generator().manual_seed(1)
+    anchors, boxes = random_boxes(g, (50,)), random_boxes(g, (50,))
+    stds = (0.1, 0.1, 0.2, 0.2)
+    torch.testing.assert_close(decode_deltas(anchors, encode_deltas(anchors, boxes, stds=stds), stds=stds), boxes)
+    # the worked example of mmdet's delta2bbox docstring, clipped to a 32 x 32 image
+    rois = torch.tensor([[0.0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1], [5, 5, 5, 5]])
+    deltas = torch.tensor([[0.0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 2, -1], [0.7, -1.9, -0.5, 0.3]])
+    expected = torch.tensor([[0.0, 0, 1, 1], [0.1409, 0.1409, 2.8591, 2.8591], [0, 0.3161, 4.1945, 0.6839],
+                             [5, 5, 5, 5]])
+    got = clip_boxes(decode_deltas(rois, deltas)[None], torch.tensor([[32, 32]]))[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+SSD300 = ([8, 16, 32, 64, 100, 300], [[2], [2, 3], [2, 3], [2, 3], [2], [2]])
+SSD512 = ([8, 16, 32, 64, 128, 256, 512], [[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]])
+SSDLITE = ([16, 32, 64, 107, 160, 320], [[2, 3]] * 6)
+ANCHOR_CASES = {  # the mmdet configs' anchor generators: strides and base anchors
+    "retinanet_800x1344": ([8, 16, 32, 64, 128], lambda: A.octave_base_anchors([8, 16, 32, 64, 128])),
+    "ssd300": (SSD300[0], lambda: A.ssd_base_anchors(*SSD300, *A.ssd_sizes(300, (0.15, 0.9), 6))),
+    "ssd512": (SSD512[0], lambda: A.ssd_base_anchors(*SSD512, *A.ssd_sizes(512, (0.1, 0.9), 7))),
+    "ssdlite320": (SSDLITE[0], lambda: A.ssd_base_anchors(*SSDLITE, [48, 100, 150, 202, 253, 304],
+                                                          [100, 150, 202, 253, 304, 320])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ANCHOR_CASES))
+def test_anchors_equal_mmdet(name):
+    case = FIXTURE[name]
+    strides, base = ANCHOR_CASES[name]
+    levels = A.grid_anchors(base(), [tuple(s) for s in case["feature_sizes"]], strides)
+    assert [len(level) for level in levels] == case["level_counts"]
+    anchors = torch.cat(levels)
+    torch.testing.assert_close(anchors[case["index"]], torch.tensor(case["anchors"]), atol=1e-3, rtol=0)
+    assert anchors.double().sum().item() == pytest.approx(case["sum"], rel=1e-6)
+
+
+def reference_assign(iou: torch.Tensor, pos_thr: float, neg_thr: float, min_pos_iou: float, all_max: bool):
+    """mmdet's MaxIoUAssigner.assign_wrt_overlaps for one image, loops and index assignment as written there.
+    iou: [A, M] over the valid gts only. Returns assigned gt index per anchor: -1 ignore, 0 negative, i+1 gt i."""
+    num_anchors, num_gts = iou.shape
+    assigned = torch.full((num_anchors,), -1, dtype=torch.long)
+    if num_gts == 0:
+        return assigned.zero_()
+    max_overlaps, argmax_overlaps = iou.max(dim=1)
+    gt_max_overlaps, gt_argmax_overlaps = iou.max(dim=0)
+    assigned[(max_overlaps >= 0) & (max_overlaps < neg_thr)] = 0
+    pos = max_overlaps >= pos_thr
+    assigned[pos] = argmax_overlaps[pos] + 1
+    for i in range(num_gts):
+        if gt_max_overlaps[i] >= min_pos_iou:
+            if all_max:
+                assigned[iou[:, i] == gt_max_overlaps[i]] = i + 1
+            else:
+                assigned[gt_argmax_overlaps[i]] = i + 1
+    return assigned
+
+
+def padded_batch(seed: int, batch: int = 4, max_gt: int = 6):
+    """Random gts with random validity (padding anywhere), one image with no objects, one with duplicate boxes."""
+    g = torch.Generator().manual_seed(seed)
+    boxes = random_boxes(g, (batch, max_gt))
+    valid = torch.rand(batch, max_gt, generator=g) > 0.3
+    valid[0] = False
+    boxes[1, 1], valid[1, :2] = boxes[1, 0], True  # two identical gts: ties in the low-quality matching
+    return boxes, valid
+
+
+@pytest.mark.parametrize("retinanet", [True, False], ids=["retinanet", "ssd"])
+@pytest.mark.parametrize("seed", range(5))
+def test_batched_assigner_equals_per_image_reference(retinanet, seed):
+    strides = [8, 16, 32, 64, 128]
+    anchors = torch.cat(A.grid_anchors(A.octave_base_anchors(strides), [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)],
+                                       strides))
+    gt_boxes, gt_valid = padded_batch(seed)
+    thr = dict(pos_iou_thr=0.5, neg_iou_thr=0.4 if retinanet else 0.5, min_pos_iou=0.0)
+    matched, pos, neg = max_iou_assign(box_iou(anchors, gt_boxes), gt_valid, **thr, gt_max_assign_all=retinanet)
+    for b in range(len(gt_boxes)):
+        real = gt_valid[b].nonzero().flatten()
+        ref = reference_assign(box_iou(anchors, gt_boxes[b, real]), thr["pos_iou_thr"], thr["neg_iou_thr"],
+                               thr["min_pos_iou"], retinanet)
+        assert torch.equal(pos[b], ref > 0) and torch.equal(neg[b], ref == 0)
+        assert torch.equal(matched[b][pos[b]], real[ref[ref > 0] - 1])
+    assert neg[0].all() and not pos[0].any()  # no objects: every anchor is background
+
+
+def test_anchor_valid_mask_and_gather():
+    iou = torch.tensor([[[0.9], [0.1]]])  # one image, two anchors, one gt
+    _, pos, neg = max_iou_assign(iou, torch.tensor([[True]]), pos_iou_thr=0.5, neg_iou_thr=0.4,
+                                 anchor_valid=torch.tensor([[False, True]]))
+    assert pos.tolist() == [[False, False]] and neg.tolist() == [[False, True]]
+    values = torch.arange(6.0).reshape(1, 3, 2)
+    assert gather_gt(values, torch.tensor([[2, 0]])).tolist() == [[[4.0, 5.0], [0.0, 1.0]]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hard_negative_mining_equals_per_image_topk(seed):
+    g = torch.Generator().manual_seed(seed)
+    loss = torch.rand(4, 300, generator=g)
+    pos = torch.rand(4, 300, generator=g) > 0.97
+    neg = ~pos & (torch.rand(4, 300, generator=g) > 0.1)
+    pos[0] = False  # no positives: no negatives either
+    pos[1, :100], neg[1, :100] = True, False  # more positives than 3x the negatives allow: all negatives
+    selected = hard_negative_mask(loss, pos, neg)
+    for b in range(4):
+        num_neg = min(3 * int(pos[b].sum()), int(neg[b].sum()))
+        expected = loss[b][neg[b]].topk(num_neg).values.sum()
+        torch.testing.assert_close((loss[b] * selected[b]).sum(), expected)
+        assert not (selected[b] & ~neg[b]).any()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_nms_equals_torchvision(seed):
+    g = torch.Generator().manual_seed(seed)
+    boxes = random_boxes(g, (3, 200), canvas=100)
+    scores = torch.rand(3, 200, generator=g)
+    labels = torch.randint(0, 3, (3, 200), generator=g)
+    valid = torch.rand(3, 200, generator=g) > 0.2
+    valid[2] = False  # an image with nothing left
+    out_boxes, out_scores, out_labels, out_valid = batched_nms(boxes, scores, labels, valid, iou_thr=0.5, max_det=50)
+    assert out_boxes.shape == (3, 50, 4) and out_valid.shape == (3, 50)
+    for b in range(3):
+        keep = torchvision.ops.batched_nms(boxes[b][valid[b]], scores[b][valid[b]], labels[b][valid[b]], 0.5)[:50]
+        assert torch.equal(out_boxes[b][out_valid[b]], boxes[b][valid[b]][keep])
+        assert torch.equal(out_labels[b][out_valid[b]], labels[b][valid[b]][keep])
+    assert not out_valid[2].any()
+
+
+def test_topk_candidates_per_level():
+    scores = torch.tensor([[[0.9, 0.1], [0.2, 0.8], [0.05, 0.3], [0.6, 0.7]]])  # [1, A=4, C=2], levels of 3 and 1
+    boxes = torch.arange(16.0).reshape(1, 4, 4)
+    cand_boxes, cand_scores, cand_labels, cand_valid = topk_candidates(scores, boxes, [3, 1], nms_pre=2,
+                                                                       score_thr=0.5)
+    assert cand_scores[0].tolist() == pytest.approx([0.9, 0.8, 0.7, 0.6])
+    assert cand_labels.tolist() == [[0, 1, 1, 0]] and cand_valid.tolist() == [[True, True, True, True]]
+    assert cand_boxes[0, 1].tolist() == boxes[0, 1].tolist()
+    _, _, _, low = topk_candidates(scores, boxes, [3, 1], nms_pre=3, score_thr=0.85)
+    assert low.tolist() == [[True, False, False, False, False]]
+
+
+def test_assignment_and_mining_compile_without_graph_breaks():
+    def step(anchors, gt_boxes, gt_valid, loss):
+        matched, pos, neg = max_iou_assign(box_iou(anchors, gt_boxes), gt_valid, pos_iou_thr=0.5, neg_iou_thr=0.5)
+        targets = encode_deltas(anchors, gather_gt(gt_boxes, matched))
+        return targets, hard_negative_mask(loss, pos, neg)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, backend="eager")
+    anchors = random_boxes(torch.Generator().manual_seed(3), (100,))
+    gt_boxes, gt_valid = padded_batch(3)
+    loss = torch.rand(4, 100)
+    for got, want in zip(compiled(anchors, gt_boxes, gt_valid, loss), step(anchors, gt_boxes, gt_valid, loss),
+                         strict=True):
+        torch.testing.assert_close(got, want)
