@@ -1,0 +1,413 @@
+"""Detection data: COCO-layout folders or the built-in synthetic COCO set, transforms v2 presets, padded batches.
+
+A batch is `(images, targets, metas)` whose shapes are static, so a graph compiler (Ascend) sees a handful of shapes:
+- images:  uint8 [B, 3, H, W] on the model's canvas (`canvas_size`), padded bottom/right with MEAN_COLOR; the model
+           normalises on the device
+- targets: {"boxes": float32 [B, M, 4] xyxy canvas pixels, "labels": int64 [B, M] in 0..C-1, "valid": bool [B, M],
+           "image_size": int64 [B, 2] (h, w) of each image inside the canvas}; padded rows are 0, 0, False.
+           M = `max_gt`, or with None the smallest 32 * 2**n that holds the batch
+- metas:   per image {"image_id", "file_name", "orig_size": (H0, W0), "scale": (sy, sx)}; resized size / file size,
+           so canvas coordinates / scale = file coordinates (padding is bottom/right: it shifts nothing; SSD's
+           training crops do not map back, evaluation has none)
+"""
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from common.dist import barrier, is_main_process, print0
+from common.synthetic import SHAPES, class_color, draw_polygon, shape_polygon, textured_background
+
+MEAN_COLOR = (124, 116, 104)  # mmdet's pixel mean (123.675, 116.28, 103.53), rounded: a pad normalises to ~0
+PRESETS = ("ssd", "retinanet")
+REQUIRED_FIELDS = {"images": ("id", "file_name", "width", "height"), "categories": ("id", "name"),
+                   "annotations": ("id", "image_id", "category_id", "bbox")}
+
+
+def _unknown_preset(preset: str) -> ValueError:
+    return ValueError(f"unknown preset {preset!r}: choose {', '.join(PRESETS)}")
+
+
+def _long_side(short: int) -> int:
+    return round(short * 1333 / 800)  # mmdet Resize(scale=(1333, 800), keep_ratio=True), scaled with the short side
+
+
+def canvas_size(preset: str, img_size: int, landscape: bool) -> tuple[int, int]:
+    """(H, W) of the canvas a batch lies on. ssd: the square it resizes to. retinanet: (short, long) side rounded up to
+    multiples of 32 (mmdet's pad_size_divisor, the stride of P5), transposed for portrait images; `img_size` is the
+    short side and the long side follows it (800 -> 1333 -> canvas 800 x 1344)."""
+    if preset == "ssd":
+        return img_size, img_size
+    if preset == "retinanet":
+        short, long = (32 * math.ceil(s / 32) for s in (img_size, _long_side(img_size)))
+        return (short, long) if landscape else (long, short)
+    raise _unknown_preset(preset)
+
+
+def train_transforms(preset: str, img_size: int) -> v2.Compose:
+    """mmdet's training pipelines in transforms v2 (boxes follow the image), in mmdet's order.
+
+    ssd (configs/ssd/ssd300_coco.py): Expand onto the mean colour, MinIoURandomCrop, resize to the square, flip,
+    PhotoMetricDistortion; then boxes the crop cut away or the resize shrank under 1 px are dropped with their labels.
+    retinanet (configs/_base_/datasets/coco_detection.py): keep-ratio resize, flip.
+    """
+    if preset == "ssd":
+        return v2.Compose([
+            v2.RandomZoomOut(fill={tv_tensors.Image: MEAN_COLOR, "others": 0}, side_range=(1.0, 4.0), p=0.5),
+            # min IoU with the boxes one of 0.1..0.9, or 0 or no crop (the 1.0); crop sides 0.3-1, aspect 0.5-2: mmdet's
+            # options. torchvision asks one box to reach the IoU where mmdet asks all, both keep centred-in boxes.
+            v2.RandomIoUCrop(min_scale=0.3, sampler_options=[0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0], trials=50),
+            v2.Resize((img_size, img_size), antialias=True),
+            v2.RandomHorizontalFlip(0.5),
+            # mmdet: brightness +-32 of 255 (added; here a factor of 1 +- 32/255), contrast and saturation 0.5-1.5,
+            # hue +-18 degrees (0.05 of the circle), channel swap; each with p 0.5
+            v2.RandomPhotometricDistort(brightness=(1 - 32 / 255, 1 + 32 / 255), contrast=(0.5, 1.5),
+                                        saturation=(0.5, 1.5), hue=(-0.05, 0.05), p=0.5),
+            v2.SanitizeBoundingBoxes(),
+        ])
+    if preset == "retinanet":
+        return v2.Compose([_keep_ratio_resize(img_size), v2.RandomHorizontalFlip(0.5)])
+    raise _unknown_preset(preset)
+
+
+def eval_transforms(preset: str, img_size: int) -> v2.Compose:
+    """Resize only: to the square (ssd) or keep-ratio to fit (retinanet)."""
+    if preset == "ssd":
+        return v2.Compose([v2.Resize((img_size, img_size), antialias=True)])
+    if preset == "retinanet":
+        return v2.Compose([_keep_ratio_resize(img_size)])
+    raise _unknown_preset(preset)
+
+
+def _keep_ratio_resize(short: int) -> v2.Resize:
+    # short side to `short` unless the long side would pass _long_side: mmdet's min(1333 / long, 800 / short) scale
+    # (torchvision truncates sizes where mmdet rounds: they can differ by a pixel)
+    return v2.Resize(short, max_size=_long_side(short), antialias=True)
+
+
+def load_coco(ann_file: Path) -> COCO:
+    """pycocotools' index of a COCO annotation file, after checks whose errors name the file (pycocotools' do not)."""
+    try:
+        with open(ann_file) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file {ann_file} does not exist") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"cannot read annotation file {ann_file}: {e}") from e
+    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
+        raise ValueError(f"{ann_file} is not a COCO detection file: it needs 'images', 'annotations', 'categories'")
+    for key, fields in REQUIRED_FIELDS.items():
+        for entry in data[key]:
+            missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
+            if missing:
+                raise ValueError(f"{ann_file}: an entry of '{key}' lacks {missing}: {str(entry)[:200]}")
+    cat_ids = {c["id"] for c in data["categories"]}
+    image_ids = {im["id"] for im in data["images"]}
+    for ann in data["annotations"]:
+        if ann["category_id"] not in cat_ids:
+            raise ValueError(f"{ann_file}: annotation {ann['id']} has category_id {ann['category_id']}, which is not "
+                             f"in its 'categories' (ids {sorted(cat_ids)})")
+        if ann["image_id"] not in image_ids or len(ann["bbox"]) != 4:
+            raise ValueError(f"{ann_file}: annotation {ann['id']} has image_id {ann['image_id']} (not in 'images') "
+                             f"or a bbox that is not [x, y, w, h]: {ann['bbox']}")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # "creating index...", once per rank
+        coco.createIndex()
+    return coco
+
+
+def read_image(path: Path, width: int, height: int) -> tv_tensors.Image:
+    """uint8 [3, H, W]; errors name the file. No EXIF rotation: COCO's boxes refer to the stored pixels."""
+    try:
+        with Image.open(path) as f:
+            image = f.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {path} does not exist") from None
+    except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for corrupt or truncated files
+        raise RuntimeError(f"cannot read image {path}: {e}") from e
+    if image.size != (width, height):
+        raise ValueError(f"image {path} is {image.size[0]}x{image.size[1]} but its annotation says {width}x{height}")
+    return tv_tensors.Image(F.pil_to_tensor(image))
+
+
+class CocoDetection(Dataset):
+    """A COCO-layout detection set: `root/annotations/instances_{split}2017.json` and images in `root/{split}2017/`.
+
+    Category ids (COCO's have gaps: 80 classes in 1..90) become labels 0..C-1 in id order; `label_to_cat[label]` maps
+    back, `classes[label]` is the name. Targets leave out crowd regions (iscrowd=1: COCOeval ignores detections on
+    them) and boxes under 1 px wide or high once clipped to the image (mmdet's rule); images without objects stay.
+    Item: (uint8 tv_tensors.Image [3, h, w], {"boxes": BoundingBoxes [N, 4] xyxy, "labels": int64 [N]}, meta) after
+    `transforms`, meta as in the module docstring.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", transforms=None, *, ann_file: str | Path | None = None,
+                 img_dir: str | Path | None = None) -> None:
+        self.ann_file = Path(ann_file or Path(root) / "annotations" / f"instances_{split}2017.json")
+        self.img_dir = Path(img_dir or Path(root) / f"{split}2017")
+        self.transforms = transforms
+        self.coco = load_coco(self.ann_file)
+        if not self.img_dir.is_dir():
+            raise FileNotFoundError(f"image folder {self.img_dir} (of {self.ann_file}) does not exist")
+        cats = sorted(self.coco.dataset["categories"], key=lambda c: c["id"])
+        self.label_to_cat = [c["id"] for c in cats]
+        self.classes = [c["name"] for c in cats]
+        cat_to_label = {cat: label for label, cat in enumerate(self.label_to_cat)}
+        self.ids = sorted(self.coco.imgs)
+        self.landscape = [self.coco.imgs[i]["width"] >= self.coco.imgs[i]["height"] for i in self.ids]
+        self.boxes, self.labels, crowd, dropped = [], [], 0, 0  # per image: float32 [N, 4] xyxy, int64 [N]
+        for image_id in self.ids:
+            info, boxes, labels = self.coco.imgs[image_id], [], []
+            for ann in self.coco.imgToAnns[image_id]:
+                if ann.get("iscrowd", 0):
+                    crowd += 1
+                    continue
+                x, y, w, h = ann["bbox"]
+                x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + w, info["width"]), min(y + h, info["height"])
+                if x2 - x1 < 1 or y2 - y1 < 1:
+                    dropped += 1
+                    continue
+                boxes.append((x1, y1, x2, y2))
+                labels.append(cat_to_label[ann["category_id"]])
+            self.boxes.append(np.array(boxes, dtype=np.float32).reshape(-1, 4))
+            self.labels.append(np.array(labels, dtype=np.int64))
+        self.dropped = dropped
+        empty = sum(len(labels) == 0 for labels in self.labels)
+        print0(f"{self.ann_file}: {len(self.ids)} images ({empty} without objects), {len(self.classes)} classes, "
+               f"{sum(map(len, self.labels))} objects; left out {crowd} crowd regions and {dropped} boxes under 1 px")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict, dict]:
+        info = self.coco.imgs[self.ids[index]]
+        path, height, width = self.img_dir / info["file_name"], info["height"], info["width"]
+        image = read_image(path, width, height)
+        target = {"boxes": tv_tensors.BoundingBoxes(torch.from_numpy(self.boxes[index]), format="XYXY",
+                                                    canvas_size=(height, width)),
+                  "labels": torch.from_numpy(self.labels[index])}
+        if self.transforms is not None:
+            try:
+                image, target = self.transforms(image, target)
+            except Exception as e:  # say which sample, whatever went wrong
+                raise RuntimeError(f"transforms failed on {path} (index {index}): {e}") from e
+        meta = {"image_id": info["id"], "file_name": info["file_name"], "orig_size": (height, width),
+                "scale": (image.shape[-2] / height, image.shape[-1] / width)}
+        return image, target, meta
+
+
+def collate(batch: Sequence[tuple], *, max_gt: int | None, preset: str,
+            img_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[dict]]:
+    """Items of CocoDetection -> (images, targets, metas) of the module docstring. The canvas follows the first
+    file's orientation (not the resized image's: rounding can make a portrait image square), the batch sampler keeps
+    orientations apart."""
+    images, targets, metas = zip(*batch, strict=True)
+    height, width = canvas_size(preset, img_size, landscape=metas[0]["orig_size"][1] >= metas[0]["orig_size"][0])
+    counts = [len(t["labels"]) for t in targets]
+    if max_gt is None:  # 32, 64, 128, ...: a few shapes over a run, as mmdet's Ascend heads pad
+        max_gt = 32
+        while max_gt < max(counts):
+            max_gt *= 2
+    out = torch.tensor(MEAN_COLOR, dtype=torch.uint8).view(1, 3, 1, 1).repeat(len(images), 1, height, width)
+    boxes = torch.zeros(len(images), max_gt, 4)
+    labels = torch.zeros(len(images), max_gt, dtype=torch.int64)
+    valid = torch.zeros(len(images), max_gt, dtype=torch.bool)
+    image_size = torch.zeros(len(images), 2, dtype=torch.int64)  # (h, w) of each image inside the canvas
+    for i, (image, target, meta, n) in enumerate(zip(images, targets, metas, counts, strict=True)):
+        h, w = image.shape[-2:]
+        if h > height or w > width:
+            raise ValueError(f"image {meta['file_name']} is {h}x{w} after transforms, larger than the {height}x{width} "
+                             "canvas: batches must not mix portrait and landscape images (GroupedBatchSampler)")
+        if n > max_gt:
+            raise ValueError(f"image {meta['file_name']} (id {meta['image_id']}) has {n} objects, more than "
+                             f"max_gt={max_gt}: raise --max-gt (or leave it unset to pad per batch)")
+        out[i, :, :h, :w] = image
+        boxes[i, :n] = target["boxes"]
+        labels[i, :n] = target["labels"]
+        valid[i, :n] = True
+        image_size[i] = torch.tensor([h, w])
+    return out, {"boxes": boxes, "labels": labels, "valid": valid, "image_size": image_size}, list(metas)
+
+
+class GroupedBatchSampler(Sampler[list[int]]):
+    """Batches of indices from `sampler` that share a group id (landscape / portrait: one canvas fits the batch), as
+    torchvision's detection reference; the order is the sampler's, so a DistributedSampler underneath makes it
+    distributed and deterministic in (seed, epoch) via `set_epoch`.
+
+    With drop_last every rank yields len(sampler) // batch_size - (groups - 1) batches, the most any rank can fill
+    from its own share without repeating an image (each group loses under one batch), so no rank waits for another
+    at the end of an epoch; the rest of the epoch's indices are left out. Without drop_last every index comes once,
+    the last batch of each group partial.
+    """
+
+    def __init__(self, sampler: Iterable[int], group_ids: Sequence[int], batch_size: int, drop_last: bool) -> None:
+        self.sampler, self.group_ids, self.batch_size, self.drop_last = sampler, group_ids, batch_size, drop_last
+        self.num_groups = len(set(group_ids))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        buffers, emitted, limit = defaultdict(list), 0, len(self)
+        for index in self.sampler:
+            buffer = buffers[self.group_ids[index]]
+            buffer.append(index)
+            if len(buffer) == self.batch_size:
+                if self.drop_last and emitted == limit:
+                    return
+                yield buffer[:]
+                buffer.clear()
+                emitted += 1
+        if not self.drop_last:
+            yield from (buffer for buffer in buffers.values() if buffer)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return max(0, len(self.sampler) // self.batch_size - (self.num_groups - 1))
+        counts = Counter(self.group_ids[i] for i in self.sampler)
+        return sum(math.ceil(n / self.batch_size) for n in counts.values())
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+
+def build_loaders(
+    train: CocoDetection, val: CocoDetection, *, preset: str, img_size: int, batch_size: int, workers: int, rank: int,
+    world_size: int, seed: int, max_gt: int | None, pin_memory: bool = False,
+) -> tuple[DataLoader, DataLoader]:
+    """Training batches shuffled per epoch by (seed, epoch): call `train_loader.batch_sampler.set_epoch(epoch)`.
+    Validation split into disjoint strided shards, so each image is evaluated exactly once over all ranks, and
+    padded per batch (its targets never reach the model: COCOeval reads the json). Batches are grouped by orientation
+    when the preset's canvas depends on it (retinanet), not for ssd (mmdet's configs do the same). Workers are not
+    persistent: each epoch's are seeded from the global RNG, which a checkpoint restores, so a resumed run augments as
+    an uninterrupted one; validation has its own generator, so evaluating never moves the global RNG."""
+    by_orientation = canvas_size(preset, img_size, True) != canvas_size(preset, img_size, False)
+
+    def groups(dataset: CocoDetection) -> list[int]:
+        return [int(landscape) for landscape in dataset.landscape] if by_orientation else [0] * len(dataset)
+
+    sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    common = dict(num_workers=workers, pin_memory=pin_memory)
+    train_loader = DataLoader(train, batch_sampler=GroupedBatchSampler(sampler, groups(train), batch_size, True),
+                              collate_fn=partial(collate, max_gt=max_gt, preset=preset, img_size=img_size), **common)
+    shard = GroupedBatchSampler(range(rank, len(val), world_size), groups(val), batch_size, drop_last=False)
+    val_loader = DataLoader(val, batch_sampler=shard, generator=torch.Generator(),
+                            collate_fn=partial(collate, max_gt=None, preset=preset, img_size=img_size), **common)
+    return train_loader, val_loader
+
+
+# ---- the built-in synthetic set -------------------------------------------------------------------------------------
+SYNTHETIC_CAT_IDS = (1, 2, 4, 5, 7, 9, 12, 13, 16, 20)  # one per shape in SHAPES, with gaps as COCO's ids have
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("PLAINVISION_CACHE") or Path.home() / ".cache" / "plainvision")
+
+
+def _synthetic_image(rng: np.random.Generator) -> tuple[Image.Image, list[tuple[int, list, int]]]:
+    """A 96-192 px image (a quarter of them portrait) with 0-6 shapes that do not overlap, each 15-50 % of the short
+    side across; returns the image and (label, polygon, iscrowd) per shape."""
+    short, long = sorted(int(s) for s in rng.integers(96, 193, size=2))
+    width, height = (short, long) if rng.random() < 0.25 else (long, short)
+    image = textured_background(rng, width, height)
+    objects, placed = [], []  # placed: (cx, cy, radius); every shape lies inside its circle, circles stay apart
+    for _ in range(0 if rng.random() < 0.08 else rng.integers(1, 7)):
+        for _attempt in range(20):
+            radius = rng.uniform(0.075, 0.25) * short
+            cx, cy = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
+            if all(math.hypot(cx - x, cy - y) > radius + r + 2 for x, y, r in placed):
+                break
+        else:
+            continue
+        label = int(rng.integers(len(SHAPES)))
+        polygon = shape_polygon(SHAPES[label], cx, cy, radius, rng.uniform(0, 2 * math.pi))
+        draw_polygon(image, polygon, class_color(rng, label, len(SHAPES)))
+        placed.append((cx, cy, radius))
+        objects.append((label, polygon, int(rng.random() < 0.03)))
+    return image, objects
+
+
+def _write_split(root: Path, split: str, num_images: int, seed: int, first_id: int) -> None:
+    (root / f"{split}2017").mkdir(parents=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        image_id = first_id + i
+        image, objects = _synthetic_image(np.random.default_rng([seed, first_id, i]))
+        file_name = f"{image_id:012d}.jpg"
+        image.save(root / f"{split}2017" / file_name, quality=90)
+        images.append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height})
+        for label, polygon, iscrowd in objects:
+            xy = np.clip(np.array(polygon), 0, [image.width, image.height])  # [V, 2]
+            x1, y1 = xy.min(0)
+            x2, y2 = xy.max(0)
+            area = 0.5 * abs(np.dot(xy[:, 0], np.roll(xy[:, 1], 1)) - np.dot(xy[:, 1], np.roll(xy[:, 0], 1)))
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": SYNTHETIC_CAT_IDS[label],
+                "bbox": [round(float(v), 2) for v in (x1, y1, x2 - x1, y2 - y1)], "area": round(float(area), 2),
+                "segmentation": [[round(float(v), 2) for v in xy.ravel()]],
+                "iscrowd": iscrowd,
+            })
+    categories = [{"id": cat, "name": name, "supercategory": "shape"} for cat, name in zip(SYNTHETIC_CAT_IDS, SHAPES,
+                                                                                            strict=True)]
+    (root / "annotations").mkdir(exist_ok=True)
+    with open(root / "annotations" / f"instances_{split}2017.json", "w") as f:
+        json.dump({"info": {"description": f"plainvision synthetic shapes, {split}"}, "images": images,
+                   "annotations": annotations, "categories": categories}, f)
+
+
+def synthetic_coco(root: Path, num_train: int, num_val: int, seed: int = 0) -> Path:
+    """Write the synthetic detection set to `root` in the COCO layout, once; return `root`.
+
+    Images of 96-192 px with 0-6 coloured shapes on textured backgrounds (common/synthetic.py), ten categories named
+    after the shapes with gapped ids, polygon masks, ~3 % of objects marked iscrowd, ~8 % of images empty. A copy is
+    complete when root/synthetic.json holds the same arguments; otherwise it is written to a side folder and renamed
+    into place, so an interrupted write is never mistaken for a complete one and is redone by the next call.
+    """
+    root = Path(root)
+    params = {"num_train": num_train, "num_val": num_val, "seed": seed, "version": 1}  # version: of the drawing
+    marker = root / "synthetic.json"
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        return root
+    if root.exists() and not marker.is_file():
+        raise FileExistsError(f"{root} exists and is not a synthetic set written by plainvision: choose another path")
+    partial_root = root.with_name(f"{root.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial_root, ignore_errors=True)
+    try:
+        _write_split(partial_root, "train", num_train, seed, first_id=1)
+        _write_split(partial_root, "val", num_val, seed, first_id=num_train + 1)  # ids unique over splits, as COCO's
+        (partial_root / "synthetic.json").write_text(json.dumps(params))
+        shutil.rmtree(root, ignore_errors=True)  # a copy with other arguments
+        partial_root.rename(root)
+    except BaseException:
+        shutil.rmtree(partial_root, ignore_errors=True)
+        raise
+    return root
+
+
+def build_datasets(data_path: str | None, preset: str, img_size: int, *, synthetic_train: int = 2000,
+                   synthetic_val: int = 500) -> tuple[CocoDetection, CocoDetection]:
+    """(train, val) with the preset's transforms, from the COCO layout at `data_path`, or with None from the synthetic
+    set in $PLAINVISION_CACHE (default ~/.cache/plainvision)/synthetic_coco, written by rank 0 while the others wait."""
+    if data_path is None:
+        data_path = default_cache() / "synthetic_coco"
+        if is_main_process():
+            synthetic_coco(data_path, synthetic_train, synthetic_val)
+        barrier()
+    train = CocoDetection(data_path, "train", train_transforms(preset, img_size))
+    val = CocoDetection(data_path, "val", eval_transforms(preset, img_size))
+    if val.label_to_cat != train.label_to_cat:
+        raise ValueError(f"{train.ann_file} and {val.ann_file} have different categories")
+    return train, val

@@ -1,0 +1,63 @@
+"""COCO box evaluation: padded predictions back to file coordinates and category ids, then pycocotools' COCOeval."""
+import contextlib
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+# the 12 numbers of COCOeval.summarize(), in its order: AP over IoU 0.50:0.95 (all, then at 0.50, 0.75, then per
+# area: small < 32^2 px <= medium < 96^2 px <= large), AR at 1, 10, 100 detections per image, AR per area
+STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def to_coco_results(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, metas: Sequence[dict],
+    label_to_cat: Sequence[int],
+) -> list[dict]:
+    """Padded detections of a batch -> COCO result dicts.
+
+    boxes [B, K, 4] xyxy canvas pixels, scores [B, K], labels [B, K] in 0..C-1, valid [B, K] bool (False: padding);
+    metas from det/data.py collate (image_id, orig_size (H0, W0), scale (sy, sx)). Returns one
+    {"image_id", "category_id", "bbox": [x, y, w, h], "score"} per valid detection, in the file's pixels (canvas
+    coordinates / scale, clipped to the image) with the data set's own category ids.
+    """
+    boxes, scores, labels, valid = (t.detach().cpu() for t in (boxes, scores, labels, valid))
+    results = []
+    for i, meta in enumerate(metas):
+        (sy, sx), (h0, w0) = meta["scale"], meta["orig_size"]
+        xyxy = boxes[i][valid[i]].double() / torch.tensor([sx, sy, sx, sy], dtype=torch.float64)  # [N, 4]
+        xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, w0)
+        xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, h0)
+        xywh = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1)
+        for box, score, label in zip(xywh.tolist(), scores[i][valid[i]].tolist(), labels[i][valid[i]].tolist(),
+                                     strict=True):
+            results.append({"image_id": meta["image_id"], "category_id": label_to_cat[label],
+                            "bbox": box, "score": score})
+    return results
+
+
+def coco_evaluate(coco_gt: COCO, results: list[dict], out_file: Path | None = None) -> dict[str, float]:
+    """COCOeval "bbox" of `results` (from every rank: gathering is the caller's) against `coco_gt`; prints the standard
+    summary and returns its 12 numbers by name (STATS), also written as JSON to `out_file` when given. No detections
+    at all evaluate to 0. As in COCOeval, an area range without ground truth gives -1."""
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools narrates every step; only the summary is printed
+        if results:
+            coco_dt = coco_gt.loadRes([dict(r) for r in results])  # copies: loadRes adds keys to its input
+        else:  # loadRes cannot take an empty list; an empty result set scores 0 like any set of misses
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                               "annotations": []}
+            coco_dt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+    evaluator.summarize()
+    stats = {name: float(value) for name, value in zip(STATS, evaluator.stats, strict=True)}
+    if out_file is not None:
+        Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_file).write_text(json.dumps(stats, indent=1) + "\n")
+    return stats
