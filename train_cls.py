@@ -125,7 +125,7 @@ def evaluate(model, loader, device, args, header: str = "Test") -> dict[str, flo
 
 
 def main(args: argparse.Namespace) -> None:
-    device, rank = setup_runtime(args, data.default_workers())
+    device, rank = setup_runtime(args)
 
     synthetic = args.data_path is None
     train_crop, val_resize, val_crop, interpolation = data.default_sizes(args.arch, synthetic)

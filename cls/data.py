@@ -1,5 +1,4 @@
 """Classification data: ImageNet-layout folders or the built-in synthetic set, transforms v2 presets, loaders."""
-import os
 from functools import partial
 from pathlib import Path
 
@@ -167,9 +166,3 @@ def build_loaders(
     # its own generator: evaluating (or not) must not move the global RNG that training draws from
     val_loader = DataLoader(shard, batch_size, shuffle=False, generator=torch.Generator(), **common)
     return train_loader, val_loader
-
-
-def default_workers() -> int:
-    """The CPUs this process may use, shared among the ranks on this node, one left for the training loop; at most 8."""
-    per_rank = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return min(8, max(0, per_rank - 1))

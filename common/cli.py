@@ -1,5 +1,6 @@
 """Command-line pieces both training scripts share: the help formatter, the runtime flags and their set-up."""
 import argparse
+import os
 
 import torch
 
@@ -38,14 +39,20 @@ def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels: bit-exact reruns and resumes")
 
 
-def setup_runtime(args: argparse.Namespace, default_workers: int) -> tuple[torch.device, int]:
+def default_workers() -> int:
+    """The CPUs this process may use, shared among the ranks on this node, one left for the training loop; at most 8."""
+    per_rank = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return min(8, max(0, per_rank - 1))
+
+
+def setup_runtime(args: argparse.Namespace) -> tuple[torch.device, int]:
     """Act on the runtime flags: pick the device, join torchrun's process group, bind cores, seed, and prepare
     OUTPUT_DIR. Sets args.world_size, args.workers, args.memory_format and args.log_file; returns (device, rank)."""
     device = resolve_device(args.device, args.jit_compile)
     rank, args.world_size = init_distributed(device)
     cores = bind_cores() if args.bind_cores else None
     if args.workers is None:
-        args.workers = len(cores) if cores else default_workers
+        args.workers = len(cores) if cores else default_workers()
     seed_everything(args.seed + rank, args.deterministic)
     args.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     args.log_file = prepare_output_dir(args.output_dir) / "log.jsonl"

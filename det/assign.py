@@ -30,6 +30,8 @@ def max_iou_assign(
     threshold; where several gts claim one anchor, the gt listed last wins, as in mmdet's loop over gts.
     """
     iou = iou.masked_fill(~gt_valid[:, None, :], 0.0)  # padding overlaps nothing; zero-gt images: all negative
+    if anchor_valid is not None:  # mmdet assigns among valid anchors only: an invalid one is no gt's best match
+        iou = iou.masked_fill(~anchor_valid[:, :, None], -1.0)
     max_iou, matched = iou.max(dim=2)  # [B, A]
     neg = max_iou < neg_iou_thr
     pos = max_iou >= pos_iou_thr
@@ -47,8 +49,8 @@ def max_iou_assign(
         matched = torch.where(claim > 0, claim - 1, matched)
         pos = pos | (claim > 0)
     neg = neg & ~pos
-    if anchor_valid is not None:
-        pos, neg = pos & anchor_valid, neg & anchor_valid
+    if anchor_valid is not None:  # their IoU of -1 made them "negative" above
+        neg = neg & anchor_valid
     return matched, pos, neg
 
 

@@ -14,8 +14,6 @@ import contextlib
 import io
 import json
 import math
-import os
-import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
@@ -31,7 +29,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from common.dist import barrier, is_main_process, print0
-from common.synthetic import SHAPES, class_color, draw_polygon, shape_polygon, textured_background
+from det.synthetic_coco import default_cache, synthetic_coco
 
 MEAN_COLOR = (124, 116, 104)  # mmdet's pixel mean (123.675, 116.28, 103.53), rounded: a pad normalises to ~0
 PRESETS = ("ssd", "retinanet")
@@ -309,105 +307,37 @@ def build_loaders(
     return train_loader, val_loader
 
 
-# ---- the built-in synthetic set -------------------------------------------------------------------------------------
-SYNTHETIC_CAT_IDS = (1, 2, 4, 5, 7, 9, 12, 13, 16, 20)  # one per shape in SHAPES, with gaps as COCO's ids have
+class RepeatDataset(Dataset):
+    """mmdet's RepeatDataset: `times` passes over `dataset` make one epoch (SSD's recipes: 5), so small data sets
+    spend less time in evaluation and loader start-up. Keeps the orientation of each item for grouping."""
+
+    def __init__(self, dataset: CocoDetection, times: int) -> None:
+        self.dataset, self.times = dataset, times
+        self.landscape = dataset.landscape * times
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict, dict]:
+        return self.dataset[index % len(self.dataset)]
 
 
-def default_cache() -> Path:
-    return Path(os.environ.get("PLAINVISION_CACHE") or Path.home() / ".cache" / "plainvision")
-
-
-def _synthetic_image(rng: np.random.Generator) -> tuple[Image.Image, list[tuple[int, list, int]]]:
-    """A 96-192 px image (a quarter of them portrait) with 0-6 shapes that do not overlap, each 15-50 % of the short
-    side across; returns the image and (label, polygon, iscrowd) per shape."""
-    short, long = sorted(int(s) for s in rng.integers(96, 193, size=2))
-    width, height = (short, long) if rng.random() < 0.25 else (long, short)
-    image = textured_background(rng, width, height)
-    objects, placed = [], []  # placed: (cx, cy, radius); every shape lies inside its circle, circles stay apart
-    for _ in range(0 if rng.random() < 0.08 else rng.integers(1, 7)):
-        for _attempt in range(20):
-            radius = rng.uniform(0.075, 0.25) * short
-            cx, cy = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
-            if all(math.hypot(cx - x, cy - y) > radius + r + 2 for x, y, r in placed):
-                break
-        else:
-            continue
-        label = int(rng.integers(len(SHAPES)))
-        polygon = shape_polygon(SHAPES[label], cx, cy, radius, rng.uniform(0, 2 * math.pi))
-        draw_polygon(image, polygon, class_color(rng, label, len(SHAPES)))
-        placed.append((cx, cy, radius))
-        objects.append((label, polygon, int(rng.random() < 0.03)))
-    return image, objects
-
-
-def _write_split(root: Path, split: str, num_images: int, seed: int, first_id: int) -> None:
-    (root / f"{split}2017").mkdir(parents=True)
-    images, annotations = [], []
-    for i in range(num_images):
-        image_id = first_id + i
-        image, objects = _synthetic_image(np.random.default_rng([seed, first_id, i]))
-        file_name = f"{image_id:012d}.jpg"
-        image.save(root / f"{split}2017" / file_name, quality=90)
-        images.append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height})
-        for label, polygon, iscrowd in objects:
-            xy = np.clip(np.array(polygon), 0, [image.width, image.height])  # [V, 2]
-            x1, y1 = xy.min(0)
-            x2, y2 = xy.max(0)
-            area = 0.5 * abs(np.dot(xy[:, 0], np.roll(xy[:, 1], 1)) - np.dot(xy[:, 1], np.roll(xy[:, 0], 1)))
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": SYNTHETIC_CAT_IDS[label],
-                "bbox": [round(float(v), 2) for v in (x1, y1, x2 - x1, y2 - y1)], "area": round(float(area), 2),
-                "segmentation": [[round(float(v), 2) for v in xy.ravel()]],
-                "iscrowd": iscrowd,
-            })
-    categories = [{"id": cat, "name": name, "supercategory": "shape"} for cat, name in zip(SYNTHETIC_CAT_IDS, SHAPES,
-                                                                                            strict=True)]
-    (root / "annotations").mkdir(exist_ok=True)
-    with open(root / "annotations" / f"instances_{split}2017.json", "w") as f:
-        json.dump({"info": {"description": f"plainvision synthetic shapes, {split}"}, "images": images,
-                   "annotations": annotations, "categories": categories}, f)
-
-
-def synthetic_coco(root: Path, num_train: int, num_val: int, seed: int = 0) -> Path:
-    """Write the synthetic detection set to `root` in the COCO layout, once; return `root`.
-
-    Images of 96-192 px with 0-6 coloured shapes on textured backgrounds (common/synthetic.py), ten categories named
-    after the shapes with gapped ids, polygon masks, ~3 % of objects marked iscrowd, ~8 % of images empty. A copy is
-    complete when root/synthetic.json holds the same arguments; otherwise it is written to a side folder and renamed
-    into place, so an interrupted write is never mistaken for a complete one and is redone by the next call.
-    """
-    root = Path(root)
-    params = {"num_train": num_train, "num_val": num_val, "seed": seed, "version": 1}  # version: of the drawing
-    marker = root / "synthetic.json"
-    if marker.is_file() and json.loads(marker.read_text()) == params:
-        return root
-    if root.exists() and not marker.is_file():
-        raise FileExistsError(f"{root} exists and is not a synthetic set written by plainvision: choose another path")
-    partial_root = root.with_name(f"{root.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial_root, ignore_errors=True)
-    try:
-        _write_split(partial_root, "train", num_train, seed, first_id=1)
-        _write_split(partial_root, "val", num_val, seed, first_id=num_train + 1)  # ids unique over splits, as COCO's
-        (partial_root / "synthetic.json").write_text(json.dumps(params))
-        shutil.rmtree(root, ignore_errors=True)  # a copy with other arguments
-        partial_root.rename(root)
-    except BaseException:
-        shutil.rmtree(partial_root, ignore_errors=True)
-        raise
-    return root
-
-
-def build_datasets(data_path: str | None, preset: str, img_size: int, *, synthetic_train: int = 2000,
-                   synthetic_val: int = 500) -> tuple[CocoDetection, CocoDetection]:
-    """(train, val) with the preset's transforms, from the COCO layout at `data_path`, or with None from the synthetic
-    set in $PLAINVISION_CACHE (default ~/.cache/plainvision)/synthetic_coco, written by rank 0 while the others wait."""
+def build_datasets(
+    data_path: str | None, preset: str, img_size: int, *, synthetic_train: int = 2000, synthetic_val: int = 500,
+    train_ann: str | None = None, val_ann: str | None = None, train_images: str | None = None,
+    val_images: str | None = None,
+) -> tuple[CocoDetection, CocoDetection]:
+    """(train, val) with the preset's transforms, from the COCO layout at `data_path` (annotation files and image
+    folders overridable), or with None from the synthetic set in $PLAINVISION_CACHE (default ~/.cache/plainvision),
+    written by rank 0 while the others wait."""
     if data_path is None:
-        data_path = default_cache() / "synthetic_coco"
+        data_path = default_cache() / f"synthetic_coco_{synthetic_train}_{synthetic_val}"
         if is_main_process():
             synthetic_coco(data_path, synthetic_train, synthetic_val)
         barrier()
-    train = CocoDetection(data_path, "train", train_transforms(preset, img_size))
-    val = CocoDetection(data_path, "val", eval_transforms(preset, img_size))
+    train = CocoDetection(data_path, "train", train_transforms(preset, img_size), ann_file=train_ann,
+                          img_dir=train_images)
+    val = CocoDetection(data_path, "val", eval_transforms(preset, img_size), ann_file=val_ann, img_dir=val_images)
     if val.label_to_cat != train.label_to_cat:
         raise ValueError(f"{train.ann_file} and {val.ann_file} have different categories")
     return train, val

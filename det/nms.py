@@ -42,9 +42,13 @@ def topk_candidates(
 
 
 def batched_nms(
-    boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor, *, iou_thr: float, max_det: int
+    boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor, *, iou_thr: float, max_det: int,
+    max_candidates: int = 1000,
 ) -> Detections:
-    """Greedy NMS per image and class (torchvision's `batched_nms`), exactly, then the `max_det` best.
+    """Greedy NMS per image and class (torchvision's `batched_nms`), exactly, over the `max_candidates` best-scored
+    valid candidates, then the `max_det` best. mmdet runs NMS over all nms_pre x levels candidates (5000 for
+    RetinaNet); the cap only matters when more than `max_candidates` pass the score threshold, and it keeps the
+    [B, K, K] overlap matrix small enough for CPUs.
 
     Cluster-NMS (Zheng et al. 2021, "Enhancing Geometric Factors in Model Learning and Inference", sec. 4): sort
     by score; box i survives iff no *surviving* higher-scored box of its class overlaps it by more than iou_thr.
@@ -52,7 +56,7 @@ def batched_nms(
     greedy result, so the loop ends exactly there, usually after a few passes (bounded by the candidate count).
     Inputs [B, K, ...]; outputs [B, max_det, ...] sorted by score, padding rows marked invalid.
     """
-    order = scores.masked_fill(~valid, float("-inf")).argsort(dim=1, descending=True)  # [B, K]
+    order = scores.masked_fill(~valid, float("-inf")).argsort(dim=1, descending=True)[:, :max_candidates]  # [B, K]
     boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
     scores, labels, valid = scores.gather(1, order), labels.gather(1, order), valid.gather(1, order)
     k = scores.shape[1]

@@ -105,22 +105,29 @@ def test_batched_assigner_equals_per_image_reference(retinanet, seed):
     anchors = torch.cat(A.grid_anchors(A.octave_base_anchors(strides), [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)],
                                        strides))
     gt_boxes, gt_valid = padded_batch(seed)
+    # RetinaNet: anchors over an image's padding are invalid (mmdet's valid flags); the reference never sees them
+    anchor_valid = torch.rand(len(gt_boxes), len(anchors), generator=torch.Generator().manual_seed(seed)) > 0.2
+    if not retinanet:
+        anchor_valid[:] = True
     thr = dict(pos_iou_thr=0.5, neg_iou_thr=0.4 if retinanet else 0.5, min_pos_iou=0.0)
-    matched, pos, neg = max_iou_assign(box_iou(anchors, gt_boxes), gt_valid, **thr, gt_max_assign_all=retinanet)
+    matched, pos, neg = max_iou_assign(box_iou(anchors, gt_boxes), gt_valid, **thr, gt_max_assign_all=retinanet,
+                                       anchor_valid=anchor_valid)
     for b in range(len(gt_boxes)):
-        real = gt_valid[b].nonzero().flatten()
-        ref = reference_assign(box_iou(anchors, gt_boxes[b, real]), thr["pos_iou_thr"], thr["neg_iou_thr"],
+        real, usable = gt_valid[b].nonzero().flatten(), anchor_valid[b]
+        ref = reference_assign(box_iou(anchors[usable], gt_boxes[b, real]), thr["pos_iou_thr"], thr["neg_iou_thr"],
                                thr["min_pos_iou"], retinanet)
-        assert torch.equal(pos[b], ref > 0) and torch.equal(neg[b], ref == 0)
-        assert torch.equal(matched[b][pos[b]], real[ref[ref > 0] - 1])
-    assert neg[0].all() and not pos[0].any()  # no objects: every anchor is background
+        assert torch.equal(pos[b][usable], ref > 0) and torch.equal(neg[b][usable], ref == 0)
+        assert not pos[b][~usable].any() and not neg[b][~usable].any()
+        assert torch.equal(matched[b][usable][pos[b][usable]], real[ref[ref > 0] - 1])
+    assert not pos[0].any() and neg[0].equal(anchor_valid[0])  # no objects: every usable anchor is background
 
 
-def test_anchor_valid_mask_and_gather():
-    iou = torch.tensor([[[0.9], [0.1]]])  # one image, two anchors, one gt
+def test_invalid_anchors_take_part_in_nothing_and_gather():
+    iou = torch.tensor([[[0.9], [0.1], [0.05]]])  # one image, three anchors, one gt
     _, pos, neg = max_iou_assign(iou, torch.tensor([[True]]), pos_iou_thr=0.5, neg_iou_thr=0.4,
-                                 anchor_valid=torch.tensor([[False, True]]))
-    assert pos.tolist() == [[False, False]] and neg.tolist() == [[False, True]]
+                                 anchor_valid=torch.tensor([[False, True, True]]))
+    # as mmdet, which assigns among valid anchors only: the gt's best *valid* anchor is a low-quality positive
+    assert pos.tolist() == [[False, True, False]] and neg.tolist() == [[False, False, True]]
     values = torch.arange(6.0).reshape(1, 3, 2)
     assert gather_gt(values, torch.tensor([[2, 0]])).tolist() == [[[4.0, 5.0], [0.0, 1.0]]]
 
@@ -156,6 +163,17 @@ def test_nms_equals_torchvision(seed):
         assert torch.equal(out_boxes[b][out_valid[b]], boxes[b][valid[b]][keep])
         assert torch.equal(out_labels[b][out_valid[b]], labels[b][valid[b]][keep])
     assert not out_valid[2].any()
+
+
+def test_nms_over_the_top_candidates():
+    g = torch.Generator().manual_seed(7)
+    boxes, scores = random_boxes(g, (1, 300), canvas=100), torch.rand(1, 300, generator=g)
+    labels, valid = torch.zeros(1, 300, dtype=torch.long), torch.ones(1, 300, dtype=torch.bool)
+    _, out_scores, _, out_valid = batched_nms(boxes, scores, labels, valid, iou_thr=0.5, max_det=300,
+                                              max_candidates=50)
+    top = scores[0].topk(50).indices  # exactly torchvision's NMS over the 50 best
+    keep = torchvision.ops.nms(boxes[0, top], scores[0, top], 0.5)
+    assert torch.equal(out_scores[0][out_valid[0]], scores[0, top][keep])
 
 
 def test_topk_candidates_per_level():

@@ -13,11 +13,13 @@ from torchvision.transforms import v2
 
 from common.synthetic import SHAPES
 from det import data
+from det import synthetic_coco as synthetic_coco_module
+from det.synthetic_coco import SYNTHETIC_CAT_IDS, synthetic_coco
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
-    return data.synthetic_coco(tmp_path_factory.mktemp("cache") / "synthetic_coco", num_train=48, num_val=20)
+    return synthetic_coco(tmp_path_factory.mktemp("cache") / "synthetic_coco", num_train=48, num_val=20)
 
 
 @pytest.fixture
@@ -46,7 +48,7 @@ def write_coco(root: Path, images: list[tuple[int, int, int]], annotations: list
 def test_synthetic_set_is_written_once(tmp_path, monkeypatch, synthetic):
     coco = json.loads((synthetic / "annotations" / "instances_train2017.json").read_text())
     assert [c["name"] for c in coco["categories"]] == list(SHAPES)
-    assert [c["id"] for c in coco["categories"]] == list(data.SYNTHETIC_CAT_IDS) != list(range(1, 11))  # gapped
+    assert [c["id"] for c in coco["categories"]] == list(SYNTHETIC_CAT_IDS) != list(range(1, 11))  # gapped
     assert {im["width"] > im["height"] for im in coco["images"]} == {True, False}  # landscape and portrait
     assert any(a["iscrowd"] for a in coco["annotations"]) and all(a["segmentation"] for a in coco["annotations"])
     assert len({a["image_id"] for a in coco["annotations"]}) < len(coco["images"])  # some images have no objects
@@ -56,30 +58,30 @@ def test_synthetic_set_is_written_once(tmp_path, monkeypatch, synthetic):
         assert 0 <= x and 0 <= y and x + w <= image["width"] and y + h <= image["height"]
         assert 0.1 * min(image["width"], image["height"]) < max(w, h) < 0.55 * min(image["width"], image["height"])
 
-    real_write = data._write_split
+    real_write = synthetic_coco_module._write_split
 
     def write_train_then_fail(root, split, *args, **kwargs):
         if split == "val":
             raise OSError("disk full")
         real_write(root, split, *args, **kwargs)
 
-    monkeypatch.setattr(data, "_write_split", write_train_then_fail)
-    assert data.synthetic_coco(synthetic, num_train=48, num_val=20) == synthetic  # complete: not written again
+    monkeypatch.setattr(synthetic_coco_module, "_write_split", write_train_then_fail)
+    assert synthetic_coco(synthetic, num_train=48, num_val=20) == synthetic  # complete: not written again
     with pytest.raises(OSError, match="disk full"):  # interrupted: nothing left that looks complete...
-        data.synthetic_coco(tmp_path / "s", num_train=3, num_val=2)
+        synthetic_coco(tmp_path / "s", num_train=3, num_val=2)
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()  # ...and the next call writes it
-    root = data.synthetic_coco(tmp_path / "s", num_train=3, num_val=2)
+    root = synthetic_coco(tmp_path / "s", num_train=3, num_val=2)
     assert len(list((root / "val2017").glob("*.jpg"))) == 2 and len(data.CocoDetection(root, "train")) == 3
-    assert len(data.CocoDetection(data.synthetic_coco(root, 4, 2), "train")) == 4  # other arguments: rewritten
+    assert len(data.CocoDetection(synthetic_coco(root, 4, 2), "train")) == 4  # other arguments: rewritten
     (tmp_path / "mine").mkdir()
     with pytest.raises(FileExistsError, match="mine exists and is not a synthetic set"):
-        data.synthetic_coco(tmp_path / "mine", 3, 2)
+        synthetic_coco(tmp_path / "mine", 3, 2)
 
 
 def test_category_ids_map_to_labels_and_back(synthetic):
     dataset = data.CocoDetection(synthetic, "train")
-    assert dataset.label_to_cat == list(data.SYNTHETIC_CAT_IDS) and dataset.classes == list(SHAPES)
+    assert dataset.label_to_cat == list(SYNTHETIC_CAT_IDS) and dataset.classes == list(SHAPES)
     for index, image_id in enumerate(dataset.ids):
         anns = [a for a in dataset.coco.imgToAnns[image_id] if not a["iscrowd"]]
         assert [dataset.label_to_cat[label] for label in dataset.labels[index]] == [a["category_id"] for a in anns]

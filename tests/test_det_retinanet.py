@@ -1,0 +1,237 @@
+"""RetinaNet: parameter counts, the train/eval contract, empty and padded targets, compilation of the loss,
+the FPN against torchvision's, frozen stages, and equality with mmdet 3.3.0 recorded as fixtures."""
+import gzip
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
+
+from cls.models import resnet
+from det.anchors import grid_anchors, octave_base_anchors
+from det.fpn import FPN
+from det.models import retinanet
+from tests.mmpretrain_fixture import seeded_state_dict
+
+DATA = Path(__file__).parent / "data"
+CANVAS = (256, 320)  # (h, w), small for CI; a multiple of 32 as the mmdet data preprocessor pads to
+
+
+def fixture_batch(max_gt: int = 4) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Three random uint8 images on one canvas: a full-canvas image with three objects, a 200x250 image with three
+    (one touching its bottom-right corner, so the canvas padding matters) and a 160x192 image with none."""
+    images = torch.randint(0, 256, (3, 3, *CANVAS), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    objects = [
+        ([[20, 30, 120, 150], [150, 60, 310, 250], [200, 10, 230, 40]], [0, 17, 79]),
+        ([[10, 10, 90, 80], [130, 90, 250, 200], [60, 100, 180, 190]], [5, 42, 5]),
+        ([], []),
+    ]
+    boxes = torch.zeros(3, max_gt, 4)
+    labels = torch.zeros(3, max_gt, dtype=torch.long)
+    valid = torch.zeros(3, max_gt, dtype=torch.bool)
+    for i, (b, lab) in enumerate(objects):
+        boxes[i, :len(b)] = torch.tensor(b, dtype=torch.float32).reshape(-1, 4)
+        labels[i, :len(lab)] = torch.tensor(lab, dtype=torch.long)
+        valid[i, :len(b)] = True
+    image_size = torch.tensor([[256, 320], [200, 250], [160, 192]])
+    return images, {"boxes": boxes, "labels": labels, "valid": valid, "image_size": image_size}
+
+
+def fixture_state_dict(keys: list[tuple[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """Seeded weights, with the classifier bias moved to the focal-loss prior so scores look like a detector's
+    (mostly below the 0.05 threshold) rather than all near 0.5."""
+    state = seeded_state_dict(keys)
+    state["bbox_head.retina_cls.bias"] = state["bbox_head.retina_cls.bias"] - 4.6
+    return state
+
+
+def load_fixture(name: str) -> dict:
+    with gzip.open(DATA / f"mmdet_{name}.json.gz", "rt") as f:
+        return json.load(f)
+
+
+def count(model: nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+# figures.md: mmdet 3.3.0 retinanet_r{18,50}_fpn_1x_coco, 80 classes, (total, trainable)
+PARAMS = {"retinanet_r18": (21_410_100, 21_252_596), "retinanet_r50": (37_968_692, 37_743_348)}
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_param_counts(name):
+    model = getattr(retinanet, name)()
+    assert (count(model), count(model, trainable=True)) == PARAMS[name]
+
+
+def test_torchvision_twin_differs_by_the_p6_conv_only():
+    twin = torchvision.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=80)
+    # mmdet's P6 reads C5 (2048 channels), torchvision's reads P5 (256): one 3x3 conv's weights apart (figures.md)
+    assert count(retinanet.retinanet_r50()) - count(twin) == (2048 - 256) * 256 * 9
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_equals_mmdet(name):
+    """Losses and detections of mmdet 3.3.0 (recorded by a script run once against mmdet, mmcv's NMS replaced by
+    torchvision's) on seeded weights, with padded and empty images."""
+    fixture = load_fixture(name)
+    model = getattr(retinanet, name)()
+    model.load_state_dict(fixture_state_dict(fixture["keys"]), strict=True)  # mmdet's names are ours
+    images, targets = fixture_batch()
+    assert int(images.long().sum()) == fixture["image_sum"]  # the generator gave the same images
+    losses = model.train()(images, targets)
+    assert sorted(losses) == sorted(fixture["losses"])
+    for key, value in fixture["losses"].items():
+        assert losses[key].shape == () and losses[key].item() == pytest.approx(value, rel=1e-4), key
+    with torch.no_grad():
+        out = model.eval()(images, image_size=targets["image_size"])
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"boxes": (3, 100, 4), "scores": (3, 100),
+                                                           "labels": (3, 100), "valid": (3, 100)}
+    for b, expected in enumerate(fixture["detections"]):
+        n = len(expected["scores"])
+        assert int(out["valid"][b].sum()) == n and out["valid"][b, :n].all()
+        torch.testing.assert_close(out["boxes"][b, :n], torch.tensor(expected["boxes"]), atol=1e-3, rtol=0)
+        torch.testing.assert_close(out["scores"][b, :n], torch.tensor(expected["scores"]), atol=1e-5, rtol=0)
+        assert out["labels"][b, :n].tolist() == expected["labels"]
+
+
+def empty_targets(batch: int, max_gt: int, image_size: list[list[int]]) -> dict[str, torch.Tensor]:
+    return {"boxes": torch.zeros(batch, max_gt, 4), "labels": torch.zeros(batch, max_gt, dtype=torch.long),
+            "valid": torch.zeros(batch, max_gt, dtype=torch.bool), "image_size": torch.tensor(image_size)}
+
+
+def test_no_objects_frozen_stages_and_norm_eval():
+    """A batch without objects trains (finite losses, gradients on the head); the stem and stage 1 get no
+    gradient; backbone BatchNorms stay in eval mode, their running statistics untouched."""
+    model = retinanet.retinanet_r18().train()
+    assert not any(m.training for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d))
+    assert model.neck.training and model.bbox_head.training
+    running = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" in k}
+    images = torch.randint(0, 256, (2, 3, 128, 160), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    losses = model(images, empty_targets(2, 4, [[128, 160], [100, 120]]))
+    assert all(v.shape == () and torch.isfinite(v) for v in losses.values())
+    assert losses["loss_bbox"].item() == 0.0 and losses["loss_cls"].item() > 0
+    sum(losses.values()).backward()
+    for param_name, p in model.bbox_head.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), param_name
+    frozen = {n for n, p in model.backbone.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.backbone.named_parameters() if n.startswith(("conv1.", "bn1.", "layer1."))}
+    assert all(p.grad is None for n, p in model.backbone.named_parameters() if n in frozen)
+    assert model.backbone.layer2[0].bn1.weight.grad is not None  # affine trained outside the frozen stages
+    for key, value in model.backbone.state_dict().items():
+        if key in running:
+            assert torch.equal(value, running[key]), key
+
+
+def test_padding_rows_do_not_change_losses():
+    model = retinanet.retinanet_r18().train()
+    images, few = fixture_batch(max_gt=4)
+    _, many = fixture_batch(max_gt=16)
+    g = torch.Generator().manual_seed(2)
+    many["boxes"][:, 4:] = torch.rand(3, 12, 4, generator=g) * 100 + torch.tensor([0, 0, 100, 100])  # junk rows
+    many["labels"][:, 4:] = torch.randint(0, 80, (3, 12), generator=g)
+    with torch.no_grad():
+        a, b = model(images, few), model(images, many)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=0)
+
+
+def test_assignment_and_loss_compile_without_graph_breaks():
+    sizes = [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]  # a 128 x 160 canvas
+    anchors = torch.cat(grid_anchors(octave_base_anchors(retinanet.STRIDES), sizes, retinanet.STRIDES))
+
+    def step(cls_logits, box_deltas, anchors, targets):
+        valid = retinanet.anchor_valid_mask(targets["image_size"], sizes, retinanet.STRIDES, retinanet.NUM_ANCHORS)
+        return retinanet.retinanet_loss(cls_logits, box_deltas, anchors, valid, targets)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, backend="aot_eager")
+    g = torch.Generator().manual_seed(3)
+    targets = empty_targets(2, 3, [[128, 160], [96, 100]])
+    targets["boxes"][0, :2] = torch.tensor([[10.0, 20, 60, 90], [70, 10, 150, 120]])
+    targets["labels"][0, :2] = torch.tensor([3, 7])
+    targets["valid"][0, :2] = True  # image 1: no objects
+    cls_logits = torch.randn(2, len(anchors), 80, generator=g) - 3
+    box_deltas = torch.randn(2, len(anchors), 4, generator=g) * 0.1
+    got, want = compiled(cls_logits, box_deltas, anchors, targets), step(cls_logits, box_deltas, anchors, targets)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key])
+
+
+def checkpoint_formats(model: nn.Module) -> dict[str, dict]:
+    sd = model.state_dict()
+    mmpretrain = {f"backbone.{k}": v for k, v in sd.items() if not k.startswith("fc.")}
+    mmpretrain |= {"head.fc.weight": sd["fc.weight"], "head.fc.bias": sd["fc.bias"]}
+    return {"ours": {"model": sd, "epoch": 1}, "torchvision": sd, "mmpretrain": {"state_dict": mmpretrain}}
+
+
+@pytest.mark.parametrize("fmt", ["ours", "torchvision", "mmpretrain"])
+def test_backbone_weights_from_classification_checkpoint(fmt, tmp_path):
+    classifier = resnet.resnet18()
+    torch.save(checkpoint_formats(classifier)[fmt], tmp_path / "resnet18.pth")
+    model = retinanet.retinanet_r18()
+    report = retinanet.load_backbone_weights(model, torch.load(tmp_path / "resnet18.pth", weights_only=True))
+    assert report == {"missing": [], "unexpected": ["fc.weight", "fc.bias"], "shape_mismatch": []}
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, classifier.layer4[1].conv2.weight)
+    assert not model.backbone.conv1.weight.requires_grad  # loading keeps the stem frozen
+
+
+@pytest.mark.parametrize("extra", ["p6p7_on_output", "maxpool"])
+def test_fpn_equals_torchvision(extra):
+    """The neck's other modes, as FCOS (P6 from P5, ReLU before P7) and SOLOv2 (a max-pooled extra level) use them,
+    against torchvision's FeaturePyramidNetwork with LastLevelP6P7 / LastLevelMaxPool."""
+    in_channels = [16, 32, 64, 128]
+    if extra == "maxpool":
+        ours = FPN(in_channels, 24, start_level=0, num_extra_levels=1)
+        theirs = FeaturePyramidNetwork(in_channels, 24, LastLevelMaxPool())
+        extra_names = []
+    else:
+        ours = FPN(in_channels, 24, start_level=1, num_extra_levels=2, extra_convs="on_output", relu_before_extra=True)
+        theirs = FeaturePyramidNetwork(in_channels[1:], 24, LastLevelP6P7(24, 24))
+        extra_names = ["extra_blocks.p6", "extra_blocks.p7"]
+    n = len(ours.lateral_convs)
+    names = [(f"inner_blocks.{i}.0", f"lateral_convs.{i}.conv") for i in range(n)]
+    names += [(f"layer_blocks.{i}.0", f"fpn_convs.{i}.conv") for i in range(n)]
+    names += [(t, f"fpn_convs.{n + i}.conv") for i, t in enumerate(extra_names)]
+    ours_sd = ours.state_dict()
+    theirs.load_state_dict({f"{t}.{p}": ours_sd[f"{o}.{p}"] for t, o in names for p in ("weight", "bias")})
+    g = torch.Generator().manual_seed(4)
+    feats = [torch.randn(2, c, 33 // 2**i + 1, 41 // 2**i + 1, generator=g) for i, c in enumerate(in_channels)]
+    want = list(theirs(OrderedDict((str(i), f) for i, f in enumerate(feats[ours.start_level:]))).values())
+    got = ours(feats)
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_head_equals_torchvision_head():
+    """Same towers and output layout as torchvision's RetinaNetHead (the bench twin), weights mapped by name."""
+    ours, theirs = retinanet.RetinaHead(80), RetinaNetHead(256, retinanet.NUM_ANCHORS, 80)
+    sd = ours.state_dict()
+    mapping = {"classification_head.cls_logits": "retina_cls", "regression_head.bbox_reg": "retina_reg"}
+    mapping |= {f"{t}_head.conv.{i}.0": f"{o}_convs.{i}.conv" for t, o in (("classification", "cls"),
+                                                                             ("regression", "reg")) for i in range(4)}
+    theirs.load_state_dict({f"{t}.{p}": sd[f"{o}.{p}"] for t, o in mapping.items() for p in ("weight", "bias")})
+    g = torch.Generator().manual_seed(5)
+    feats = [torch.randn(1, 256, 6, 8, generator=g), torch.randn(1, 256, 3, 4, generator=g)]
+    want = theirs(feats)
+    cls_logits, box_deltas = ours(feats)
+    torch.testing.assert_close(cls_logits, want["cls_logits"])
+    torch.testing.assert_close(box_deltas, want["bbox_regression"])
+
+
+def test_train_forward_compiles_as_one_graph():
+    """No graph break anywhere in a training forward (backbone, anchors, valid flags, assignment, losses): no
+    host sync or data-dependent shape for an accelerator to stall on."""
+    model = retinanet.retinanet_r18().train()
+    images = torch.randint(0, 256, (2, 3, 128, 160), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    targets = empty_targets(2, 2, [[128, 160], [90, 130]])
+    targets["boxes"][1, 0], targets["labels"][1, 0], targets["valid"][1, 0] = torch.tensor([5.0, 8, 80, 70]), 11, True
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    got, want = compiled(images, targets), model(images, targets)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key])
