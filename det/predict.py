@@ -1,0 +1,96 @@
+"""Detect objects in pictures with a trained checkpoint: draw boxes, class names and scores, and print them.
+
+  python -m det.predict --weights output/det/best.pth street.jpg dog.jpg --out predictions/
+
+The checkpoint (written by train_det.py) names its model, canvas and classes, so no data set is needed.
+"""
+import argparse
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from common.checkpoint import load_checkpoint
+from common.device import resolve_device
+from det import data
+from det.eval import to_coco_results
+from det.models import RECIPES, build_model
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+
+
+def detect(model: torch.nn.Module, image: Image.Image, *, preset: str, img_size: int, num_classes: int,
+           device: torch.device) -> list[dict]:
+    """Detections of one picture in its own pixel coordinates: [{"bbox": [x, y, w, h], "score", "label"}, ...]."""
+    pixels = tv_tensors.Image(F.pil_to_tensor(image.convert("RGB")))
+    no_boxes = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=pixels.shape[-2:]),
+                "labels": torch.zeros(0, dtype=torch.int64)}
+    pixels, _ = data.eval_transforms(preset, img_size)(pixels, no_boxes)
+    h0, w0 = image.height, image.width
+    meta = {"image_id": 0, "file_name": "", "orig_size": (h0, w0),
+            "scale": (pixels.shape[-2] / h0, pixels.shape[-1] / w0)}
+    images, targets, metas = data.collate([(pixels, no_boxes, meta)], max_gt=None, preset=preset, img_size=img_size)
+    with torch.no_grad():
+        out = model(images.to(device), image_size=targets["image_size"].to(device))
+    out = {k: v.cpu() for k, v in out.items()}
+    identity = list(range(num_classes))  # keep contiguous labels as the "category ids"
+    results = to_coco_results(out["boxes"], out["scores"], out["labels"], out["valid"], metas, identity)
+    return [{"bbox": r["bbox"], "score": r["score"], "label": r["category_id"]} for r in results]
+
+
+def draw(image: Image.Image, detections: list[dict], classes: list[str]) -> Image.Image:
+    """The picture with one coloured rectangle and a "name score" tag per detection."""
+    image = image.convert("RGB")
+    canvas = ImageDraw.Draw(image)
+    for det in detections:
+        x, y, w, h = det["bbox"]
+        color = PALETTE[det["label"] % len(PALETTE)]
+        canvas.rectangle([x, y, x + w, y + h], outline=color, width=max(1, round(min(image.size) / 150)))
+        tag = f"{classes[det['label']]} {det['score']:.2f}"
+        left, top, right, bottom = canvas.textbbox((x, y), tag)
+        canvas.rectangle([left, top - (bottom - top) - 2, right + 2, top], fill=color)
+        canvas.text((x + 1, y - (bottom - top) - 2), tag, fill=(0, 0, 0))
+    return image
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", help="picture files")
+    p.add_argument("--weights", required=True, help="a checkpoint written by train_det.py")
+    p.add_argument("--model", help="model name (default: the checkpoint's)")
+    p.add_argument("--img-size", type=int, help="canvas (default: the checkpoint's)")
+    p.add_argument("--score-thr", type=float, default=0.3, help="draw and print detections scoring at least this")
+    p.add_argument("--out", default="predictions", help="folder for the drawn pictures")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+
+    device = resolve_device(args.device)
+    state = load_checkpoint(args.weights)
+    extra = state.get("extra", {})
+    name = args.model or extra.get("model")
+    if name is None or "classes" not in extra:
+        raise SystemExit(f"error: {args.weights} has no model name or class names: pass a checkpoint of train_det.py")
+    img_size = args.img_size or extra["img_size"]
+    classes = extra["classes"]
+    model = build_model(name, num_classes=len(classes))
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in map(Path, args.images):
+        with Image.open(path) as image:
+            found = detect(model, image, preset=RECIPES[name]["preset"], img_size=img_size, num_classes=len(classes),
+                           device=device)
+            detections = [d for d in found if d["score"] >= args.score_thr]
+            draw(image, detections, classes).save(out_dir / f"{path.stem}.png")
+        print(f"{path}: {len(detections)} detection(s) -> {out_dir / (path.stem + '.png')}")
+        for det in detections:
+            x, y, w, h = det["bbox"]
+            print(f"  {classes[det['label']]:<12} {det['score']:.3f}  [{x:.1f}, {y:.1f}, {x + w:.1f}, {y + h:.1f}]")
+
+
+if __name__ == "__main__":
+    main()
