@@ -10,6 +10,7 @@ import torchvision
 from det import anchors as A
 from det.assign import gather_gt, hard_negative_mask, max_iou_assign
 from det.boxes import box_iou, clip_boxes, decode_deltas, encode_deltas
+from det.losses import sigmoid_focal_loss
 from det.nms import batched_nms, topk_candidates
 
 FIXTURE = json.loads((Path(__file__).parent / "data" / "mmdet_anchors.json").read_text())
@@ -201,3 +202,19 @@ def test_assignment_and_mining_compile_without_graph_breaks():
     for got, want in zip(compiled(anchors, gt_boxes, gt_valid, loss), step(anchors, gt_boxes, gt_valid, loss),
                          strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_sparse_focal_loss_equals_torchvision_dense():
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(3, 50, 7, generator=g) * 4  # large |x| too: the softplus form must stay stable
+    labels = torch.randint(0, 7, (3, 50), generator=g)
+    pos = torch.rand(3, 50, generator=g) > 0.8
+    weight = pos | (torch.rand(3, 50, generator=g) > 0.3)  # some anchors ignored
+    onehot = torch.nn.functional.one_hot(labels, 7).float() * pos[..., None]
+    dense = torchvision.ops.sigmoid_focal_loss(logits, onehot, alpha=0.25, gamma=2.0)  # [B, A, C]
+    expected = (dense * weight[..., None]).sum()
+    torch.testing.assert_close(sigmoid_focal_loss(logits, labels, pos, weight), expected)
+    grad_ours = torch.autograd.grad(sigmoid_focal_loss(logits.requires_grad_(), labels, pos, weight), logits)[0]
+    grad_dense = torch.autograd.grad((torchvision.ops.sigmoid_focal_loss(logits, onehot) * weight[..., None]).sum(),
+                                     logits)[0]
+    torch.testing.assert_close(grad_ours, grad_dense)

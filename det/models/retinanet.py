@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import sigmoid_focal_loss
 
 from cls.convert import to_our_names
 from cls.models import resnet
@@ -22,6 +21,7 @@ from det.anchors import grid_anchors, octave_base_anchors
 from det.assign import gather_gt, max_iou_assign
 from det.boxes import box_iou, encode_deltas
 from det.fpn import FPN
+from det.losses import sigmoid_focal_loss
 from det.models.dense import flatten_levels, image_size_or_canvas, normalize, predict_boxes
 
 STRIDES = (8, 16, 32, 64, 128)  # P3-P7
@@ -92,12 +92,8 @@ def retinanet_loss(
     # mmdet's avg_factor: sum over images of max(num_pos, 1) (SamplingResult), so an image without objects counts 1
     num_pos = pos.sum(dim=1).clamp(min=1).sum()
     labels = gather_gt(targets["labels"], matched)  # [B, A]
-    classes = torch.arange(cls_logits.shape[-1], device=labels.device)
-    # one-hot by comparison: F.one_hot checks its input's range, a host sync on accelerators; background = zeros
-    onehot = (labels[..., None] == classes) & pos[..., None]  # [B, A, C]
-    # float32 even under autocast: the sum runs over ~B*A*C terms
-    focal = sigmoid_focal_loss(cls_logits.float(), onehot.float(), alpha=alpha, gamma=gamma)  # [B, A, C]
-    loss_cls = (focal * (pos | neg)[..., None]).sum() / num_pos
+    # float32 even under autocast: the sum runs over ~B*A*C terms; ignored anchors (between the thresholds) count 0
+    loss_cls = sigmoid_focal_loss(cls_logits.float(), labels, pos, pos | neg, alpha=alpha, gamma=gamma) / num_pos
     # non-positives regress onto their own anchor (target 0) so padding gts never reach log(0)
     gt = torch.where(pos[..., None], gather_gt(gt_boxes, matched), anchors)  # [B, A, 4]
     l1 = (box_deltas.float() - encode_deltas(anchors, gt, stds=stds)).abs()
@@ -167,17 +163,29 @@ class RetinaNet(nn.Module):
                     m.eval()
         return self
 
-    def forward(self, images: Tensor, targets: dict[str, Tensor] | None = None,
-                image_size: Tensor | None = None) -> dict[str, Tensor]:
-        """images [B, 3, H, W] 0-255 RGB. Train: targets (boxes, labels, valid, image_size) -> {"loss_cls",
-        "loss_bbox"}. Eval: {"boxes" [B, 100, 4], "scores", "labels", "valid" [B, 100]}, clipped to image_size."""
+    def head_outputs(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, list[tuple[int, int]]]:
+        """images [B, 3, H, W] 0-255 RGB -> cls_logits [B, A, C], box_deltas [B, A, 4], anchors [A, 4] and the
+        feature-map size of each level (A = sum of h * w * 9)."""
         feats = self.neck(self.backbone.stages(normalize(images, self.mean, self.std)))
         cls_logits, box_deltas = self.bbox_head(feats)
         sizes = [tuple(f.shape[-2:]) for f in feats]
         anchors = torch.cat(grid_anchors(list(self.base_anchors), sizes, STRIDES, device=images.device))  # [A, 4]
+        return cls_logits, box_deltas, anchors, sizes
+
+    def loss(self, outputs: tuple, targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Assignment + losses from `head_outputs`; anchors over each image's padding take no part."""
+        cls_logits, box_deltas, anchors, sizes = outputs
+        valid = anchor_valid_mask(targets["image_size"], sizes, STRIDES, NUM_ANCHORS)
+        return retinanet_loss(cls_logits, box_deltas, anchors, valid, targets)
+
+    def forward(self, images: Tensor, targets: dict[str, Tensor] | None = None,
+                image_size: Tensor | None = None) -> dict[str, Tensor]:
+        """Train: targets (boxes, labels, valid, image_size) -> {"loss_cls", "loss_bbox"}. Eval: {"boxes" [B, 100, 4],
+        "scores", "labels", "valid" [B, 100]}, clipped to image_size."""
+        outputs = self.head_outputs(images)
         if self.training:
-            valid = anchor_valid_mask(targets["image_size"], sizes, STRIDES, NUM_ANCHORS)
-            return retinanet_loss(cls_logits, box_deltas, anchors, valid, targets)
+            return self.loss(outputs, targets)
+        cls_logits, box_deltas, anchors, sizes = outputs
         return predict_boxes(cls_logits.sigmoid(), box_deltas, anchors, [h * w * NUM_ANCHORS for h, w in sizes],
                              image_size_or_canvas(images, image_size), stds=BOX_STDS, **TEST_CFG)
 

@@ -225,22 +225,30 @@ class SSD(nn.Module):
         self.register_buffer("mean", torch.tensor(mean), persistent=False)
         self.register_buffer("std", torch.tensor(std), persistent=False)
 
-    def head_outputs(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]]:
-        """-> cls_logits [B, A, C + 1], box_deltas [B, A, 4], anchors [A, 4], anchors per level (A = their sum);
-        `ssd_loss` takes the first three."""
+    def head_outputs(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, list[tuple[int, int]]]:
+        """-> cls_logits [B, A, C + 1], box_deltas [B, A, 4], anchors [A, 4] and the feature-map size of each level
+        (A = sum of h * w * anchors per position); `ssd_loss` takes the first three."""
         features = self.neck(self.backbone(normalize(images, self.mean, self.std)))
         cls_logits, box_deltas = self.bbox_head(features)
-        levels = grid_anchors(self.base_anchors.split(self.anchors_per_level), [f.shape[-2:] for f in features],
-                              self.strides, device=images.device)
-        return cls_logits, box_deltas, torch.cat(levels), [len(level) for level in levels]
+        sizes = [tuple(f.shape[-2:]) for f in features]
+        levels = grid_anchors(self.base_anchors.split(self.anchors_per_level), sizes, self.strides,
+                              device=images.device)
+        return cls_logits, box_deltas, torch.cat(levels), sizes
+
+    def loss(self, outputs: tuple, targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Assignment + losses from `head_outputs` (every anchor takes part: see the class docstring)."""
+        cls_logits, box_deltas, anchors, _ = outputs
+        return ssd_loss(cls_logits, box_deltas, anchors, targets)
 
     def forward(
         self, images: Tensor, targets: dict[str, Tensor] | None = None, image_size: Tensor | None = None
     ) -> dict[str, Tensor]:
-        cls_logits, box_deltas, anchors, level_sizes = self.head_outputs(images)
+        outputs = self.head_outputs(images)
         if self.training:
             assert targets is not None, "training needs targets"
-            return ssd_loss(cls_logits, box_deltas, anchors, targets)
+            return self.loss(outputs, targets)
+        cls_logits, box_deltas, anchors, sizes = outputs
+        level_sizes = [h * w * k for (h, w), k in zip(sizes, self.anchors_per_level, strict=True)]
         scores = cls_logits.float().softmax(-1)[..., :-1]  # drop the background, mmdet's last column
         return predict_boxes(scores, box_deltas.float(), anchors, level_sizes, image_size_or_canvas(images, image_size),
                              stds=BOX_STDS, **TEST_CFG)

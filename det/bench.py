@@ -1,0 +1,127 @@
+"""One detection training step, ours against torchvision's twin in the same run, and the share of ours spent in
+target assignment + loss.
+
+  python -m det.bench --model ssd300 --device cpu --batch-size 2
+  python -m det.bench --model retinanet_r50 --device cuda --batch-size 8 --img-size 800 --amp
+
+A step is forward, loss, backward and an SGD step on random images with `--num-gt` random objects each, on the
+model's canvas. "assignment + loss" is our loss function's forward and backward alone, on fixed head outputs.
+The twins: torchvision's ssd300_vgg16 (81 classes: the same network as mmdet's SSD300) and retinanet_resnet50_fpn
+built in mmdet's style (frozen BatchNorm, stem and layer1 frozen; its P6 comes from P5, so it is 4.1 M parameters
+lighter), both with their internal resize turned off, as the images are already on the canvas.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from common.device import autocast, grad_scaler, resolve_device, synchronize
+from det.data import canvas_size
+from det.models import RECIPES, build_model
+
+TWINS = ("ssd300", "retinanet_r50")
+
+
+def torchvision_twin(name: str, num_classes: int) -> nn.Module:
+    from torchvision.models import resnet50
+    from torchvision.models.detection import retinanet, ssd300_vgg16
+    from torchvision.ops import FrozenBatchNorm2d
+
+    if name == "ssd300":
+        model = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=num_classes + 1)  # + background
+    else:
+        backbone = retinanet._resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3, returned_layers=[2, 3, 4],
+                                                   extra_blocks=retinanet.LastLevelP6P7(256, 256))
+        model = retinanet.RetinaNet(backbone, num_classes)
+    model.transform.resize = lambda image, target=None: (image, target)  # images arrive on the canvas
+    return model
+
+
+def random_batch(batch: int, height: int, width: int, num_gt: int, num_classes: int, device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, height, width), generator=g, dtype=torch.uint8).float()
+    xy = torch.rand(batch, num_gt, 2, generator=g) * torch.tensor([width, height]) * 0.7
+    wh = (torch.rand(batch, num_gt, 2, generator=g) * 0.25 + 0.05) * torch.tensor([width, height])
+    targets = {"boxes": torch.cat([xy, xy + wh], -1), "labels": torch.randint(0, num_classes, (batch, num_gt)),
+               "valid": torch.ones(batch, num_gt, dtype=torch.bool),
+               "image_size": torch.tensor([[height, width]]).repeat(batch, 1)}
+    return images.to(device), {k: v.to(device) for k, v in targets.items()}
+
+
+def timed(fn, iters: int, warmup: int, device: torch.device) -> float:
+    """Median seconds of `fn()` over `iters` calls, after `warmup` untimed ones."""
+    times = []
+    for i in range(warmup + iters):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ssd300", choices=TWINS)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--img-size", type=int, help="canvas (default: the recipe's; RetinaNet: the short side)")
+    p.add_argument("--num-gt", type=int, default=8, help="objects per image (padded targets hold exactly these)")
+    p.add_argument("--num-classes", type=int, default=80)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds of ours / torchvision")
+    p.add_argument("--amp", action="store_true")
+    args = p.parse_args()
+
+    device = resolve_device(args.device)
+    recipe = RECIPES[args.model]
+    height, width = canvas_size(recipe["preset"], args.img_size or recipe["img_size"], landscape=True)
+    images, targets = random_batch(args.batch_size, height, width, args.num_gt, args.num_classes, device)
+    tv_targets = [{"boxes": b, "labels": lab + (args.model == "ssd300")}  # SSD: label 0 is torchvision's background
+                  for b, lab in zip(targets["boxes"], targets["labels"], strict=True)]
+    torch.manual_seed(0)
+    ours, theirs = build_model(args.model, args.num_classes).to(device), torchvision_twin(args.model, args.num_classes)
+    theirs.to(device)
+    scaler = grad_scaler(device, args.amp)
+
+    def step(model: nn.Module, optimizer: torch.optim.Optimizer, run) -> None:
+        with autocast(device, args.amp):
+            loss = sum(run().values())
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    ours.train(), theirs.train()
+    opt_ours = torch.optim.SGD([q for q in ours.parameters() if q.requires_grad], lr=1e-4, momentum=0.9)
+    opt_theirs = torch.optim.SGD([q for q in theirs.parameters() if q.requires_grad], lr=1e-4, momentum=0.9)
+    with autocast(device, args.amp):
+        cls_logits, box_deltas, anchors, sizes = ours.head_outputs(images)
+    heads = (cls_logits.detach().float().requires_grad_(), box_deltas.detach().float().requires_grad_(), anchors, sizes)
+
+    def loss_only() -> None:
+        sum(ours.loss(heads, targets).values()).backward()
+
+    runs = {"ours": [], "torchvision": [], "loss": []}
+    for _ in range(args.repeats):
+        runs["ours"].append(timed(lambda: step(ours, opt_ours, lambda: ours(images, targets)), args.iters,
+                                  args.warmup, device))
+        runs["torchvision"].append(timed(lambda: step(theirs, opt_theirs, lambda: theirs(list(images), tv_targets)),
+                                         args.iters, args.warmup, device))
+        runs["loss"].append(timed(loss_only, args.iters, args.warmup, device))
+    ours_s, tv_s, loss_s = (statistics.median(runs[k]) for k in ("ours", "torchvision", "loss"))
+    print(f"{args.model}  device {device}  batch {args.batch_size}  canvas {height}x{width}  {args.num_gt} objects "
+          f"per image  amp {args.amp}  (median of {args.repeats} rounds x {args.iters} steps)")
+    print(f"  ours         step {ours_s:8.4f} s  (network forward/backward {ours_s - loss_s:.4f} s, "
+          f"assignment + loss {loss_s:.4f} s)")
+    print(f"  torchvision  step {tv_s:8.4f} s")
+    print(f"  ratio ours/torchvision step: {ours_s / tv_s:.3f} (target <= 1.0); assignment + loss: "
+          f"{100 * loss_s / ours_s:.1f} % of our step (target <= 5 %)")
+
+
+if __name__ == "__main__":
+    main()

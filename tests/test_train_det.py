@@ -1,0 +1,98 @@
+"""train_det.py and det.predict end to end on the synthetic COCO set: exact resume, torchrun, checkpoint formats,
+pictures, and (marked convergence) a detector that learns."""
+import gzip
+import json
+import sys
+
+import pytest
+import torch
+
+from common.checkpoint import load_checkpoint
+from det.models import build_model, to_our_names
+from tests.scripts import run_script
+
+# RetinaNet-R18 on a 96 px canvas (96 x 160): the smallest that keeps all five FPN levels, seconds per epoch
+TINY = ["--model", "retinanet_r18", "--device", "cpu", "--img-size", "96", "--synthetic-size", "16",
+        "--batch-size", "4", "--print-freq", "1", "--warmup-iters", "2"]
+
+
+@pytest.fixture
+def cache(tmp_path_factory, monkeypatch):
+    """Synthetic data sets are written here, not to ~/.cache."""
+    path = tmp_path_factory.getbasetemp() / "plainvision-cache"
+    monkeypatch.setenv("PLAINVISION_CACHE", str(path))
+    return path
+
+
+def train(*args: str, expect_ok: bool = True, launcher: tuple[str, ...] = (sys.executable,)):
+    return run_script("train_det.py", *args, expect_ok=expect_ok, launcher=launcher)
+
+
+def test_resume_is_bit_exact(tmp_path, cache):
+    """Two epochs in one go == one epoch, stop, resume, one more (3 steps each: 16 images in batches of 4, one lost
+    to grouping by orientation)."""
+    common = [*TINY, "--workers", "1", "--deterministic", "--eval-interval", "2", "--lr", "0.01"]
+    train(*common, "--epochs", "2", "--output-dir", str(tmp_path / "straight"))
+    train(*common, "--epochs", "1", "--output-dir", str(tmp_path / "resumed"))
+    log = train(*common, "--epochs", "2", "--output-dir", str(tmp_path / "resumed"), "--resume", "auto")
+    assert "resumed from" in log.stdout
+    a, b = (load_checkpoint(tmp_path / d / "last.pth") for d in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert {"AP", "AP50", "ARl"} <= records[-1].keys() and records[-1]["mode"] == "val"
+
+
+def test_torchrun_two_processes(tmp_path, cache):
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541")
+    out = train(*TINY, "--epochs", "1", "--workers", "0", "--batch-size", "2", "--amp", "--output-dir", str(tmp_path),
+                launcher=launcher)
+    assert "2 process(es)" in out.stdout and "global batch 4" in out.stdout
+    assert "Average Precision  (AP) @[ IoU=0.50 " in out.stdout  # COCOeval ran once, on rank 0
+    coco = json.loads((tmp_path / "coco_bbox.json").read_text())
+    assert set(coco) >= {"AP", "AP50"}
+    assert load_checkpoint(tmp_path / "last.pth")["extra"]["label_to_cat"] == [1, 2, 4, 5, 7, 9, 12, 13, 16, 20]
+
+
+def test_predict_draws_pictures_and_test_only(tmp_path, cache):
+    train(*TINY, "--epochs", "1", "--workers", "0", "--output-dir", str(tmp_path / "run"))
+    image = next((cache / "synthetic_coco_16_8" / "val2017").glob("*.jpg"))
+    out = run_script("-m", "det.predict", "--weights", str(tmp_path / "run" / "last.pth"), str(image),
+                     "--score-thr", "0", "--out", str(tmp_path / "pictures"))
+    assert f"{image}: " in out.stdout and "detection(s)" in out.stdout
+    assert (tmp_path / "pictures" / f"{image.stem}.png").stat().st_size > 0
+    test = train(*TINY, "--test-only", "--weights", str(tmp_path / "run" / "last.pth"),
+                 "--output-dir", str(tmp_path / "test"))
+    assert "Average Precision" in test.stdout and "Epoch [" not in test.stdout
+
+
+def test_mmdet_checkpoint_names_load():
+    """An mmdet checkpoint ({"state_dict": ...}, mmdet's names: here SSDLite's, the one family with renames) loads
+    strictly after `to_our_names`."""
+    from tests.mmpretrain_fixture import DATA
+
+    with gzip.open(DATA.parent / "mmdet_ssdlite_mobilenet_v2.json.gz", "rt") as f:
+        keys = json.load(f)["keys"]
+    mmdet = {"meta": {}, "state_dict": {k: torch.zeros(shape) for k, shape in keys}}
+    model = build_model("ssdlite_mobilenet_v2")
+    model.load_state_dict(to_our_names("ssdlite_mobilenet_v2", mmdet), strict=True)
+
+
+def test_bad_data_path_names_the_file(tmp_path, cache):
+    out = train(*TINY, "--data-path", str(tmp_path / "coco"), expect_ok=False)
+    assert out.returncode != 0 and "instances_train2017.json" in out.stderr
+
+
+@pytest.mark.convergence
+def test_retinanet_learns_synthetic_shapes(tmp_path, cache, synthetic_resnet18):
+    """RetinaNet-R18 from the session's synthetic ResNet-18 backbone, 512 steps on a 128 px canvas (~5.5 min here).
+    AdamW: the recipe's SGD needs thousands of steps to move RetinaNet's N(0, 0.01)-initialised head. AP50 after 6
+    epochs varied between 0.20 and 0.37 over our runs and reached 0.39 after 8; the assertion asks for 0.15."""
+    train("--model", "retinanet_r18", "--device", "cpu", "--epochs", "8", "--img-size", "128",
+          "--synthetic-size", "512", "--batch-size", "8", "--opt", "adamw", "--lr", "3e-4", "--lr-batch", "8",
+          "--warmup-iters", "50", "--lr-steps", "7", "--eval-interval", "8", "--print-freq", "64", "--workers", "1",
+          "--backbone-weights", str(synthetic_resnet18 / "best.pth"), "--output-dir", str(tmp_path))
+    stats = json.loads((tmp_path / "coco_bbox.json").read_text())
+    print("synthetic RetinaNet-R18:", {k: round(v, 3) for k, v in stats.items()})
+    assert stats["AP50"] > 0.15
