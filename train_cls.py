@@ -10,6 +10,7 @@ LR x0.1 at epochs 30, 60 and 90.
 """
 import argparse
 import contextlib
+from functools import partial
 
 import torch
 from torch import nn
@@ -24,8 +25,9 @@ from common import checkpoint as ckpt
 from common.cli import HelpFormatter, add_runtime_args, setup_runtime
 from common.device import autocast, grad_scaler
 from common.dist import all_reduce_sum, cleanup, print0, stop_if_not_finite
-from common.logger import log_every, new_meters, write_json
-from common.optim import apply_gradients, build_optimizer, ema_model, epoch_schedule, scaled_lr
+from common.logger import log_every, new_meters
+from common.loop import evaluate_and_log, optimizer_step, wrap_model
+from common.optim import build_optimizer, epoch_schedule, scaled_lr
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -90,10 +92,7 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch: 
             scaler.scale(loss / args.accum_steps).backward()
         finite &= torch.isfinite(loss)
         if boundary:
-            apply_gradients(optimizer, scaler, model.parameters(), lr=lr_of(step), clip_grad=args.clip_grad)
-            step += 1
-            if model_ema is not None and step % args.ema_steps == 0:
-                model_ema.update_parameters(model.module if ddp else model)
+            step = optimizer_step(model, optimizer, scaler, model_ema, step=step, lr=lr_of(step), args=args)
         meters["loss"].append(loss.detach())
         meters["lr"].append(optimizer.param_groups[0]["lr"])
         if (i + 1) % args.print_freq == 0 or i + 1 == len(loader):  # the host syncs here anyway, to print
@@ -147,16 +146,7 @@ def main(args: argparse.Namespace) -> None:
     model = build_model(args.arch, num_classes=len(classes), **({"tf_same_padding": True} if args.advprop else {}))
     if args.weights:
         ckpt.load_model_weights(model, to_our_names(args.arch, ckpt.load_checkpoint(args.weights)))
-    model.to(device, memory_format=args.memory_format)
-    if args.sync_bn and args.world_size > 1:
-        if device.type == "cpu":
-            print0("warning: --sync-bn ignored: torch's SyncBatchNorm runs on npu/cuda only")
-        else:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model_without_ddp = model
-    if args.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device.index])
-    model_ema = ema_model(model_without_ddp, args.ema_decay) if args.ema else None
+    model, model_without_ddp, model_ema = wrap_model(model, args, device)
 
     global_batch = args.batch_size * args.world_size * args.accum_steps
     lr = scaled_lr(args.lr, global_batch)
@@ -173,16 +163,13 @@ def main(args: argparse.Namespace) -> None:
                            gamma=args.lr_gamma, warmup_steps=args.warmup_epochs * steps_per_epoch, min_lr=args.min_lr)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
-    start_epoch, step, best = 0, 0, 0.0
-    if resume := ckpt.resume_path(args.resume, args.output_dir):
-        start_epoch, step, best = ckpt.restore_training_state(
-            resume, model=model_without_ddp, optimizer=optimizer, scaler=scaler, model_ema=model_ema, rank=rank,
-            world_size=args.world_size, device=device)
+    start_epoch, step, best = ckpt.restore_training_state(
+        args.resume, args.output_dir, model=model_without_ddp, optimizer=optimizer, scaler=scaler,
+        model_ema=model_ema, rank=rank, world_size=args.world_size, device=device)
 
+    run_eval = partial(evaluate, loader=val_loader, device=device, args=args)
     if args.test_only:
-        evaluate(model, val_loader, device, args)
-        if model_ema is not None:
-            evaluate(model_ema, val_loader, device, args, header="Test (EMA)")
+        evaluate_and_log(run_eval, model, model_ema, args)
         cleanup()
         return
 
@@ -194,11 +181,7 @@ def main(args: argparse.Namespace) -> None:
             print0(f"warning: {skipped} unreadable training images skipped so far")
         is_best = False
         if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs:
-            stats = evaluate(model, val_loader, device, args)
-            write_json(args.log_file, {"mode": "val", "epoch": epoch, "step": step, **stats})
-            if model_ema is not None:
-                ema_stats = evaluate(model_ema, val_loader, device, args, header="Test (EMA)")
-                write_json(args.log_file, {"mode": "val_ema", "epoch": epoch, "step": step, **ema_stats})
+            stats = evaluate_and_log(run_eval, model, model_ema, args, epoch=epoch, step=step)
             is_best, best = stats["top1"] > best, max(best, stats["top1"])
         state = ckpt.training_state(model=model_without_ddp, optimizer=optimizer, scaler=scaler, model_ema=model_ema,
                                     epoch=epoch + 1, step=step, best=best, args=args, device=device,

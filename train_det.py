@@ -11,18 +11,19 @@ synthetic COCO-layout set (coloured shapes, 10 classes) is written once to $PLAI
 """
 import argparse
 import contextlib
+from functools import partial
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from common import checkpoint as ckpt
 from common.cli import HelpFormatter, add_runtime_args, setup_runtime
 from common.device import autocast, grad_scaler
 from common.dist import all_gather_objects, cleanup, is_main_process, print0, stop_if_not_finite
-from common.logger import log_every, new_meters, write_json
-from common.optim import apply_gradients, build_optimizer, ema_model, epoch_schedule
+from common.logger import log_every, new_meters
+from common.loop import evaluate_and_log, optimizer_step, wrap_model
+from common.optim import build_optimizer, epoch_schedule
 from det import data
 from det.eval import coco_evaluate, to_coco_results
 from det.models import MODELS, RECIPES, build_model, load_backbone_weights, to_our_names
@@ -86,10 +87,7 @@ def train_one_epoch(model, optimizer, scaler, loader, device, epoch: int, step: 
             scaler.scale(loss / args.accum_steps).backward()
         finite &= torch.isfinite(loss)
         if boundary:
-            apply_gradients(optimizer, scaler, model.parameters(), lr=lr_of(step), clip_grad=args.clip_grad or 0.0)
-            step += 1
-            if model_ema is not None and step % args.ema_steps == 0:
-                model_ema.update_parameters(model.module if ddp else model)
+            step = optimizer_step(model, optimizer, scaler, model_ema, step=step, lr=lr_of(step), args=args)
         for name, value in losses.items():
             meters[name].append(value.detach())
         meters["lr"].append(optimizer.param_groups[0]["lr"])
@@ -141,13 +139,7 @@ def main(args: argparse.Namespace) -> None:
         load_backbone_weights(args.model, model, ckpt.load_checkpoint(args.backbone_weights))
     if args.weights:
         ckpt.load_model_weights(model, to_our_names(args.model, ckpt.load_checkpoint(args.weights)))
-    model.to(device, memory_format=args.memory_format)
-    if args.sync_bn and args.world_size > 1 and device.type != "cpu":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model_without_ddp = model
-    if args.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device.index])
-    model_ema = ema_model(model_without_ddp, args.ema_decay) if args.ema else None
+    model, model_without_ddp, model_ema = wrap_model(model, args, device)
 
     global_batch = args.batch_size * args.world_size * args.accum_steps
     lr = args.lr * global_batch / args.lr_batch
@@ -162,16 +154,13 @@ def main(args: argparse.Namespace) -> None:
                            lr_steps=args.lr_steps or (), warmup_steps=args.warmup_iters,
                            warmup_factor=args.warmup_factor)
 
-    start_epoch, step, best = 0, 0, 0.0
-    if resume := ckpt.resume_path(args.resume, args.output_dir):
-        start_epoch, step, best = ckpt.restore_training_state(
-            resume, model=model_without_ddp, optimizer=optimizer, scaler=scaler, model_ema=model_ema, rank=rank,
-            world_size=args.world_size, device=device)
+    start_epoch, step, best = ckpt.restore_training_state(
+        args.resume, args.output_dir, model=model_without_ddp, optimizer=optimizer, scaler=scaler,
+        model_ema=model_ema, rank=rank, world_size=args.world_size, device=device)
 
+    run_eval = partial(evaluate, loader=val_loader, device=device, args=args)
     if args.test_only:
-        evaluate(model, val_loader, device, args)
-        if model_ema is not None:
-            evaluate(model_ema, val_loader, device, args, header="Test (EMA)")
+        evaluate_and_log(run_eval, model, model_ema, args)
         cleanup()
         return
 
@@ -182,11 +171,7 @@ def main(args: argparse.Namespace) -> None:
         step = train_one_epoch(model, optimizer, scaler, train_loader, device, epoch, step, lr_of, args, model_ema)
         is_best = False
         if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs:
-            stats = evaluate(model, val_loader, device, args)
-            write_json(args.log_file, {"mode": "val", "epoch": epoch, "step": step, **stats})
-            if model_ema is not None:
-                ema_stats = evaluate(model_ema, val_loader, device, args, header="Test (EMA)")
-                write_json(args.log_file, {"mode": "val_ema", "epoch": epoch, "step": step, **ema_stats})
+            stats = evaluate_and_log(run_eval, model, model_ema, args, epoch=epoch, step=step)
             is_best, best = stats["AP"] > best, max(best, stats["AP"])
         state = ckpt.training_state(model=model_without_ddp, optimizer=optimizer, scaler=scaler, model_ema=model_ema,
                                     epoch=epoch + 1, step=step, best=best, args=args, device=device, extra=extra)

@@ -117,9 +117,14 @@ def training_state(
 
 
 def restore_training_state(
-    path: Path, *, model: nn.Module, optimizer, scaler, model_ema, rank: int, world_size: int, device: torch.device
+    resume: str, output_dir: str | Path, *, model: nn.Module, optimizer, scaler, model_ema, rank: int,
+    world_size: int, device: torch.device,
 ) -> tuple[int, int, float]:
-    """Load a `training_state` checkpoint into the live objects; returns (next epoch, global step, best metric)."""
+    """`--resume PATH|auto`: load a `training_state` checkpoint into the live objects and return (next epoch, global
+    step, best metric); (0, 0, 0.0), a fresh start, when there is nothing to resume."""
+    path = resume_path(resume, output_dir)
+    if path is None:
+        return 0, 0, 0.0
     state = load_checkpoint(path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,49 @@
+"""Pieces of the training loop that classification and detection share, kept as plain functions."""
+import argparse
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from common.dist import print0
+from common.logger import write_json
+from common.optim import apply_gradients, ema_model
+
+
+def wrap_model(model: nn.Module, args: argparse.Namespace, device: torch.device):
+    """Move `model` to the device and wrap it as the runtime flags ask: SyncBatchNorm (npu/cuda only: torch has no
+    CPU kernel), DistributedDataParallel under torchrun, an EMA copy. Returns (model for the step, the unwrapped
+    model that checkpoints hold, the EMA model or None)."""
+    model.to(device, memory_format=args.memory_format)
+    if args.sync_bn and args.world_size > 1:
+        if device.type == "cpu":
+            print0("warning: --sync-bn ignored: torch's SyncBatchNorm runs on npu/cuda only")
+        else:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    unwrapped = model
+    if args.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device.index])
+    return model, unwrapped, ema_model(unwrapped, args.ema_decay) if args.ema else None
+
+
+def evaluate_and_log(evaluate: Callable[..., dict], model: nn.Module, model_ema: nn.Module | None,
+                     args: argparse.Namespace, **tags) -> dict:
+    """Run the script's `evaluate(model, header=...)` on the model and, with --ema, on its average; append both
+    results to the JSON log with `tags` (epoch, step); return the model's."""
+    stats = evaluate(model, header="Test")
+    write_json(args.log_file, {"mode": "val", **tags, **stats})
+    if model_ema is not None:
+        write_json(args.log_file, {"mode": "val_ema", **tags, **evaluate(model_ema, header="Test (EMA)")})
+    return stats
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   model_ema: nn.Module | None, *, step: int, lr: float, args: argparse.Namespace) -> int:
+    """The end of an accumulation: one optimizer step at `lr` (clipped as --clip-grad says), the EMA updated every
+    --ema-steps steps. Returns the new global step."""
+    apply_gradients(optimizer, scaler, model.parameters(), lr=lr, clip_grad=args.clip_grad or 0.0)
+    step += 1
+    if model_ema is not None and step % args.ema_steps == 0:
+        model_ema.update_parameters(model.module if isinstance(model, DistributedDataParallel) else model)
+    return step
