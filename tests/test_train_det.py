@@ -79,9 +79,11 @@ def test_mmdet_checkpoint_names_load():
     model.load_state_dict(to_our_names("ssdlite_mobilenet_v2", mmdet), strict=True)
 
 
-def test_bad_data_path_names_the_file(tmp_path, cache):
+def test_bad_data_path_and_canvas_are_reported(tmp_path, cache):
     out = train(*TINY, "--data-path", str(tmp_path / "coco"), expect_ok=False)
     assert out.returncode != 0 and "instances_train2017.json" in out.stderr
+    ssd = train("--model", "ssd300", "--img-size", "160", expect_ok=False)
+    assert ssd.returncode == 1 and "laid out for a 300 px canvas" in ssd.stderr and "Traceback" not in ssd.stderr
 
 
 @pytest.mark.convergence
