@@ -121,9 +121,8 @@ def main(args: argparse.Namespace) -> None:
     for key in RECIPE_KEYS:  # flags override the recipe
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
-    if recipe["preset"] == "ssd" and args.img_size != recipe["img_size"]:  # SSD's anchor sizes are set per canvas
-        raise SystemExit(f"error: {args.model}'s default boxes are laid out for a {recipe['img_size']} px canvas; "
-                         f"--img-size {args.img_size} would misplace them")
+    if args.img_size < recipe.get("min_img_size", 1):
+        raise SystemExit(f"error: {args.model}'s layers need --img-size {recipe['min_img_size']} or more")
     device, rank = setup_runtime(args)
 
     train_set, val_set = data.build_datasets(

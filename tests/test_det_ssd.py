@@ -17,7 +17,6 @@ import torchvision
 from torchvision.models.detection.image_list import ImageList
 
 from cls.models import mobilenet_v2, vgg
-from det.anchors import grid_anchors
 from det.models import ssd as S
 from tests.mmpretrain_fixture import seeded_state_dict
 
@@ -61,6 +60,23 @@ def test_parameter_counts_and_anchors(name):
     assert sum(s * s * k for s, k in per_position) == NUM_ANCHORS[name]
 
 
+@pytest.mark.parametrize(("name", "canvas"), [("ssd300", 257), ("ssdlite_mobilenet_v2", 128)])
+def test_smaller_canvas_scales_the_default_boxes(name, canvas):
+    """--img-size for quick runs: each box keeps its size relative to the canvas, each level's centres spread
+    evenly over it (the recipe's min_img_size is the smallest canvas the layers take)."""
+    model = getattr(S, name)().eval()
+    assert S.RECIPES[name]["min_img_size"] <= canvas
+    with torch.no_grad():
+        _, _, anchors, sizes = model.head_outputs(smooth_images(canvas, batch=1))
+    native = model.anchors([(s, s) for s in FEATURE_SIZES[name]], model.canvas, torch.device("cpu"))
+    levels = anchors.split([h * w * k for (h, w), k in zip(sizes, model.anchors_per_level, strict=True)])
+    for small, big, k in zip(levels, native, model.anchors_per_level, strict=True):
+        torch.testing.assert_close(small[:k, 2:] - small[:k, :2], (big[:k, 2:] - big[:k, :2]) * canvas / model.canvas)
+        centres = (small[:, :2] + small[:, 2:]) / 2
+        torch.testing.assert_close(centres.min(0).values + centres.max(0).values, torch.full((2,), float(canvas)))
+        assert centres.min() > 0
+
+
 @pytest.fixture(scope="module")
 def ssdlite():
     torch.manual_seed(0)
@@ -98,8 +114,7 @@ def test_batch_without_objects_has_finite_losses_and_gradients(ssdlite):
 def random_ssd300_head_outputs(batch: int = 3, seed: int = 0):
     """SSD300's anchors [8732, 4] and random head outputs of the matching shapes, without running the network."""
     model = S.ssd300()
-    anchors = torch.cat(grid_anchors(model.base_anchors.split(model.anchors_per_level),
-                                     [(s, s) for s in FEATURE_SIZES["ssd300"]], model.strides))
+    anchors = torch.cat(model.anchors([(s, s) for s in FEATURE_SIZES["ssd300"]], 300, torch.device("cpu")))
     g = torch.Generator().manual_seed(seed)
     cls_logits = torch.randn(batch, len(anchors), 81, generator=g) * 2
     return cls_logits, torch.randn(batch, len(anchors), 4, generator=g), anchors

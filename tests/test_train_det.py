@@ -83,7 +83,16 @@ def test_bad_data_path_and_canvas_are_reported(tmp_path, cache):
     out = train(*TINY, "--data-path", str(tmp_path / "coco"), expect_ok=False)
     assert out.returncode != 0 and "instances_train2017.json" in out.stderr
     ssd = train("--model", "ssd300", "--img-size", "160", expect_ok=False)
-    assert ssd.returncode == 1 and "laid out for a 300 px canvas" in ssd.stderr and "Traceback" not in ssd.stderr
+    assert ssd.returncode == 1 and "need --img-size 257 or more" in ssd.stderr and "Traceback" not in ssd.stderr
+
+
+def test_ssd_preset_trains_on_a_small_canvas(tmp_path, cache):
+    """The SSD pipeline (expand, min-IoU crop, photometric distortion) and scaled default boxes through train_det."""
+    out = train("--model", "ssdlite_mobilenet_v2", "--device", "cpu", "--img-size", "96", "--synthetic-size", "16",
+                "--batch-size", "4", "--epochs", "1", "--repeat", "1", "--workers", "0", "--print-freq", "1",
+                "--output-dir", str(tmp_path))
+    assert "canvas 96" in out.stdout and "Epoch [0] [4/4]" in out.stdout
+    assert set(json.loads((tmp_path / "coco_bbox.json").read_text())) >= {"AP", "AP50"}
 
 
 @pytest.mark.convergence

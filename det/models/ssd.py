@@ -201,9 +201,10 @@ class SSD(nn.Module):
 
     train: `model(images, targets)` -> {"loss_cls", "loss_bbox"}; eval: `model(images, image_size=None)` ->
     {"boxes" [B, 200, 4], "scores", "labels", "valid"} (det.models.dense.predict_boxes). images [B, 3, H, W] RGB
-    0-255 on the square canvas the anchor sizes were chosen for (300, 512 or 320). SSD's pipeline resizes every
-    image onto the whole canvas, so every anchor takes part in training (mmdet's valid flags at pad_shape = canvas)
-    and targets["image_size"] is not read; at eval, boxes are clipped to `image_size`.
+    0-255 on a square canvas: the one the anchor sizes were chosen for (`canvas`: 300, 512 or 320) or, for quick
+    runs, another (see `anchors`). SSD's pipeline resizes every image onto the whole canvas, so every anchor takes
+    part in training (mmdet's valid flags at pad_shape = canvas) and targets["image_size"] is not read; at eval,
+    boxes are clipped to `image_size`.
     """
 
     def __init__(
@@ -212,6 +213,7 @@ class SSD(nn.Module):
         backbone: nn.Module,
         neck: SSDNeck,
         bbox_head: SSDHead,
+        canvas: int,
         strides: Sequence[int],
         base_anchors: Sequence[Tensor],
         mean: Sequence[float],
@@ -219,7 +221,7 @@ class SSD(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone, self.neck, self.bbox_head = backbone, neck, bbox_head
-        self.strides = list(strides)
+        self.canvas, self.strides = canvas, list(strides)
         self.anchors_per_level = [len(b) for b in base_anchors]
         self.register_buffer("base_anchors", torch.cat(list(base_anchors)), persistent=False)  # [sum K, 4]
         self.register_buffer("mean", torch.tensor(mean), persistent=False)
@@ -231,9 +233,19 @@ class SSD(nn.Module):
         features = self.neck(self.backbone(normalize(images, self.mean, self.std)))
         cls_logits, box_deltas = self.bbox_head(features)
         sizes = [tuple(f.shape[-2:]) for f in features]
-        levels = grid_anchors(self.base_anchors.split(self.anchors_per_level), sizes, self.strides,
-                              device=images.device)
-        return cls_logits, box_deltas, torch.cat(levels), sizes
+        return cls_logits, box_deltas, torch.cat(self.anchors(sizes, images.shape[-1], images.device)), sizes
+
+    def anchors(self, sizes: Sequence[tuple[int, int]], canvas: int, device: torch.device) -> list[Tensor]:
+        """Default boxes [h * w * K, 4] per level for the feature maps `sizes` of a square `canvas`. On the canvas
+        the sizes were chosen for, mmdet's exactly; on another (`--img-size` for quick runs) each box keeps its size
+        relative to the canvas and each level's centres spread evenly over it (stride = canvas / cells, the rule
+        behind SSDLite's strides 16 ... 107, 160, 320)."""
+        base, strides = self.base_anchors.split(self.anchors_per_level), self.strides
+        if canvas != self.canvas:
+            scale, new_strides = canvas / self.canvas, [canvas / h for h, _ in sizes]
+            base = [(b - old / 2) * scale + new / 2 for b, old, new in zip(base, strides, new_strides, strict=True)]
+            strides = new_strides
+        return grid_anchors(base, sizes, strides, device=device)
 
     def loss(self, outputs: tuple, targets: dict[str, Tensor]) -> dict[str, Tensor]:
         """Assignment + losses from `head_outputs` (every anchor takes part: see the class docstring)."""
@@ -306,8 +318,8 @@ def _ssd_vgg(num_classes: int, input_size: int, neck_args: dict, strides: list[i
     _init_convs(neck.extra_layers, nn.init.xavier_uniform_)  # mmdet's SSDNeck / SSDHead init_cfg
     _init_convs(head, nn.init.xavier_uniform_)
     # mmdet's data_preprocessor: std 1, the caffe VGG-16 weights expect 0-255 inputs minus the mean
-    return SSD(backbone=SSDVGG(), neck=neck, bbox_head=head, strides=strides, base_anchors=base_anchors,
-               mean=(123.675, 116.28, 103.53), std=(1.0, 1.0, 1.0))
+    return SSD(backbone=SSDVGG(), neck=neck, bbox_head=head, canvas=input_size, strides=strides,
+               base_anchors=base_anchors, mean=(123.675, 116.28, 103.53), std=(1.0, 1.0, 1.0))
 
 
 # mmdet's configs ssd/ssd300_coco.py, ssd/ssd512_coco.py (schedule_2x: 24 epochs, steps 16 / 22, linear warmup 500
@@ -319,12 +331,13 @@ def _ssd_vgg(num_classes: int, input_size: int, neck_args: dict, strides: list[i
 _SSD_RECIPE = dict(preset="ssd", batch_size=8, lr=2e-3, lr_batch=64, momentum=0.9, weight_decay=5e-4, epochs=24,
                    schedule="multistep", lr_steps=(16, 22), warmup_iters=500, warmup_factor=0.001, repeat=5,
                    clip_grad=None)
+# min_img_size: the smallest canvas the layers accept (VGG's last unpadded 3x3 convs need a 3 px map), for --img-size
 RECIPES = {
-    "ssd300": dict(_SSD_RECIPE, img_size=300),
-    "ssd512": dict(_SSD_RECIPE, img_size=512),
-    "ssdlite_mobilenet_v2": dict(preset="ssd", img_size=320, batch_size=24, lr=0.015, lr_batch=192, momentum=0.9,
-                                 weight_decay=4e-5, epochs=120, schedule="cosine", lr_steps=None, warmup_iters=500,
-                                 warmup_factor=0.001, repeat=5, clip_grad=None),
+    "ssd300": dict(_SSD_RECIPE, img_size=300, min_img_size=257),
+    "ssd512": dict(_SSD_RECIPE, img_size=512, min_img_size=257),
+    "ssdlite_mobilenet_v2": dict(preset="ssd", img_size=320, min_img_size=40, batch_size=24, lr=0.015, lr_batch=192,
+                                 momentum=0.9, weight_decay=4e-5, epochs=120, schedule="cosine", lr_steps=None,
+                                 warmup_iters=500, warmup_factor=0.001, repeat=5, clip_grad=None),
 }
 
 
@@ -356,6 +369,6 @@ def ssdlite_mobilenet_v2(num_classes: int = 80) -> SSD:
     for part in (backbone, neck):
         _init_convs(part, partial(nn.init.trunc_normal_, std=0.03))
     _init_convs(head, partial(nn.init.normal_, std=0.001))
-    return SSD(backbone=backbone, neck=neck, bbox_head=head, strides=strides, base_anchors=base_anchors,
-               mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+    return SSD(backbone=backbone, neck=neck, bbox_head=head, canvas=320, strides=strides,
+               base_anchors=base_anchors, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
 
