@@ -45,14 +45,15 @@ def draw(image: Image.Image, detections: list[dict], classes: list[str]) -> Imag
     """The picture with one coloured rectangle and a "name score" tag per detection."""
     image = image.convert("RGB")
     canvas = ImageDraw.Draw(image)
-    for det in detections:
+    for det in sorted(detections, key=lambda d: d["score"]):  # the best tag is drawn last, on top
         x, y, w, h = det["bbox"]
         color = PALETTE[det["label"] % len(PALETTE)]
         canvas.rectangle([x, y, x + w, y + h], outline=color, width=max(1, round(min(image.size) / 150)))
         tag = f"{classes[det['label']]} {det['score']:.2f}"
         left, top, right, bottom = canvas.textbbox((x, y), tag)
-        canvas.rectangle([left, top - (bottom - top) - 2, right + 2, top], fill=color)
-        canvas.text((x + 1, y - (bottom - top) - 2), tag, fill=(0, 0, 0))
+        lift = bottom - top + 2 if top > bottom - top + 2 else 0  # above the box, or inside it at the picture's edge
+        canvas.rectangle([left, top - lift, right + 2, bottom - lift], fill=color)
+        canvas.text((x + 1, y - lift), tag, fill=(0, 0, 0))
     return image
 
 
