@@ -2,6 +2,7 @@
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -13,6 +14,26 @@ from common.synthetic import classification_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB, whatever its mode.
+
+    PIL's `convert("RGB")` clips wide grayscale values at 255, so a 16-bit picture comes out almost white. Integer
+    grayscale (modes I;16, I;16B, I;16L: 16-bit PNG, TIFF, PGM; and 32-bit I, which older PIL gives for 16-bit PNGs)
+    is taken as 0-65535 and divided by 257, rounded (65535 -> 255, 32896 -> 128); float grayscale (F) as 0-1, times
+    255. Values outside the range are clipped and the gray is copied to the three channels. Every other mode (RGB,
+    RGBA, L, LA, P, CMYK, ...) goes through `convert("RGB")` as before: PIL itself reads 16-bit colour and 16-bit
+    gray + alpha PNGs at 8 bits. Reads the pixels, so an unreadable file raises here (OSError, SyntaxError or
+    ValueError, as PIL does)."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        gray = np.asarray(image).astype(np.int64).clip(0, 65535)
+        gray = (gray + 128) // 257  # round(v / 257); never a tie, as 257 is odd
+    elif image.mode == "F":
+        gray = np.floor(np.nan_to_num(np.asarray(image, dtype=np.float64)).clip(0, 1) * 255 + 0.5)
+    else:
+        return image.convert("RGB")
+    return Image.fromarray(gray.astype(np.uint8)).convert("RGB")  # [H, W] uint8 -> L -> RGB
 
 
 def default_sizes(arch: str, synthetic: bool) -> tuple[int, int, int, InterpolationMode]:
@@ -87,49 +108,71 @@ class SyntheticShapes(Dataset):
 
 
 class CheckedImageFolder(datasets.ImageFolder):
-    """ImageFolder whose errors name the path, with an opt-in to skip unreadable images.
+    """ImageFolder whose errors name the path, with an opt-in to skip unreadable images, read through `to_rgb`.
 
-    With `skip_bad`, an unreadable image is replaced by the next readable one (the batch keeps its size) and
-    counted in `self.skipped`, a shared-memory tensor with one slot per loader worker (no cross-process races).
+    With `skip_bad`, an unreadable image is counted in `self.skipped`, a shared-memory tensor with one slot per
+    loader worker (no cross-process races; `skipped_images` sums it), and then
+    - with `replace_bad` (training): replaced by the next readable one, so the batch keeps its size;
+    - without it (validation): the sample is None, which `drop_unreadable` takes out of the batch, so every readable
+      image is counted exactly once and no image twice.
     """
 
-    def __init__(self, root: Path, transform=None, skip_bad: bool = False) -> None:
+    def __init__(self, root: Path, transform=None, skip_bad: bool = False, replace_bad: bool = True) -> None:
         if not root.is_dir():
             raise FileNotFoundError(f"expected the ImageNet layout {root}/<class>/<image>, but {root} does not exist")
         for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
             if not any(f.is_file() for f in class_dir.iterdir()):
                 raise FileNotFoundError(f"class folder {class_dir} has no images")
         super().__init__(str(root), transform=transform)
-        self.skip_bad = skip_bad
+        self.skip_bad, self.replace_bad = skip_bad, replace_bad
         self.skipped = torch.zeros(256, dtype=torch.int64).share_memory_()
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         for offset in range(len(self.samples)):
             path, target = self.samples[(index + offset) % len(self.samples)]
             try:
                 with Image.open(path) as f:
-                    image = f.convert("RGB")
+                    image = to_rgb(f)
             except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for corrupt or truncated files
                 if not self.skip_bad:
                     raise RuntimeError(f"cannot read image {path}: {e} (use --skip-bad-images to skip)") from e
                 worker = torch.utils.data.get_worker_info()
                 self.skipped[0 if worker is None else worker.id + 1] += 1
                 print(f"warning: skipping unreadable image {path}: {e}", flush=True)
+                if not self.replace_bad:
+                    return None
                 continue
             return (self.transform(image) if self.transform else image), target
         raise RuntimeError(f"no readable image in {self.root}")
 
 
+def skipped_images(dataset: Dataset) -> int:
+    """Unreadable images skipped so far by `dataset` (a CheckedImageFolder, or a Subset of one) in this process and
+    its loader workers; 0 for a set without files (synthetic). Per rank: all-reduce it for the whole run."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    skipped = getattr(dataset, "skipped", None)
+    return 0 if skipped is None else int(skipped.sum())
+
+
+def drop_unreadable(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The validation collate_fn: default_collate of the samples that are not None (unreadable images under
+    `skip_bad`), or None when no image of the batch could be read, a batch the caller must skip."""
+    batch = [sample for sample in batch if sample is not None]
+    return torch.utils.data.default_collate(batch) if batch else None
+
+
 def build_datasets(
     data_path: str | None, train_tf, val_tf, *, skip_bad: bool = False, synthetic_size: int = 2000, seed: int = 0
 ) -> tuple[Dataset, Dataset, list[str]]:
-    """(train, val, class names) from DATA/train and DATA/val, or the synthetic set when `data_path` is None."""
+    """(train, val, class names) from DATA/train and DATA/val, or the synthetic set when `data_path` is None. With
+    `skip_bad`, an unreadable training image is replaced by the next one, an unreadable validation image dropped."""
     if data_path is None:
         train = SyntheticShapes(synthetic_size, seed, train_tf)
         val = SyntheticShapes(max(synthetic_size // 4, 10), seed + 1, val_tf)  # other seed: unseen images
         return train, val, train.classes
     train = CheckedImageFolder(Path(data_path) / "train", train_tf, skip_bad)
-    val = CheckedImageFolder(Path(data_path) / "val", val_tf, skip_bad)
+    val = CheckedImageFolder(Path(data_path) / "val", val_tf, skip_bad, replace_bad=False)  # each image once
     if val.classes != train.classes:
         raise ValueError(f"{data_path}/train and {data_path}/val have different class folders")
     return train, val, train.classes
@@ -156,7 +199,8 @@ def build_loaders(
 ) -> tuple[DataLoader, DataLoader]:
     """Training batches shuffled per epoch by (seed, epoch) (call `sampler.set_epoch`), last partial batch dropped
     so every step has the same shape; validation split into disjoint strided shards, so each image is counted
-    exactly once over all ranks (no padding duplicates). Workers are not persistent: each epoch's workers are
+    exactly once over all ranks (no padding duplicates); its batches drop unreadable images and are None when none
+    is left (`drop_unreadable`). Workers are not persistent: each epoch's workers are
     seeded from the global RNG, which a checkpoint restores, so a resumed run augments exactly as an
     uninterrupted one."""
     sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
@@ -164,5 +208,6 @@ def build_loaders(
     train_loader = DataLoader(train, batch_size, sampler=sampler, drop_last=True, collate_fn=collate_fn, **common)
     shard = Subset(val, range(rank, len(val), world_size))
     # its own generator: evaluating (or not) must not move the global RNG that training draws from
-    val_loader = DataLoader(shard, batch_size, shuffle=False, generator=torch.Generator(), **common)
+    val_loader = DataLoader(shard, batch_size, shuffle=False, generator=torch.Generator(), collate_fn=drop_unreadable,
+                            **common)
     return train_loader, val_loader

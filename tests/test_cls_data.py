@@ -1,11 +1,70 @@
-"""cls/data.py: the synthetic set, presets, MixUp/CutMix, and the loaders' sharding; cls/convert.py formats."""
+"""cls/data.py: image modes, the synthetic set, presets, MixUp/CutMix, the loaders' sharding and unreadable
+validation images; cls/convert.py formats."""
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
-from torchvision.transforms import InterpolationMode
+from PIL import Image
+from torchvision.transforms import InterpolationMode, v2
 
 from cls import data
 from cls.convert import to_our_names
 from cls.models import MODELS, TORCHVISION_TWINS, build_model
+
+
+def write_png16(path: Path, pixels: np.ndarray, color_type: int) -> None:
+    """A 16-bit PNG written by hand (PIL cannot write gray + alpha at 16 bits): pixels [H, W, C] uint16."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    height, width = pixels.shape[:2]
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)  # filter byte 0: no filter
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+GRADIENT16 = np.array([[0, 128, 129, 32896, 33024, 65279, 65535]], dtype=np.uint16)  # [1, 7]
+GRADIENT8 = [0, 0, 1, 128, 128, 254, 255]  # round(v / 257)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_to_rgb_scales_16_bit_gray(tmp_path, mode):
+    if mode == "I":  # what older PIL gave for a 16-bit PNG; 32-bit, so made in memory (PNG cannot hold it)
+        image = Image.fromarray(GRADIENT16.astype(np.int32))
+    else:
+        raw = GRADIENT16.astype(">u2" if mode == "I;16B" else "<u2").tobytes()
+        Image.frombytes(mode, (7, 1), raw).save(tmp_path / "gray16.png")
+        image = Image.open(tmp_path / "gray16.png")
+    assert image.mode == mode or (mode == "I;16B" and image.mode == "I;16")  # PIL reads big-endian back as I;16
+    assert image.convert("RGB").getpixel((3, 0)) == (255, 255, 255)  # the bug: PIL clips
+    rgb = data.to_rgb(image)
+    assert rgb.mode == "RGB" and np.asarray(rgb).tolist() == [[[v] * 3 for v in GRADIENT8]]
+
+
+def test_to_rgb_clips_wide_integers_and_scales_floats():
+    wide = Image.fromarray(np.array([[-5, 70000, 257]], dtype=np.int32))
+    assert np.asarray(data.to_rgb(wide))[0, :, 0].tolist() == [0, 255, 1]
+    floats = Image.fromarray(np.array([[0.0, 0.5, 1.0, 2.0, -1.0, np.nan]], dtype=np.float32))
+    assert floats.mode == "F" and np.asarray(data.to_rgb(floats))[0].tolist() == [[v] * 3 for v in
+                                                                                    [0, 128, 255, 255, 0, 0]]
+
+
+def test_to_rgb_leaves_8_bit_modes_as_convert_did(tmp_path):
+    rgb = Image.fromarray(np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3) * 4)
+    for image in (rgb, rgb.convert("P"), rgb.convert("LA"), rgb.convert("L"), rgb.convert("RGBA"), rgb.convert("1")):
+        assert data.to_rgb(image).tobytes() == image.convert("RGB").tobytes(), image.mode
+    # 16-bit gray + alpha and 16-bit colour: PIL itself reads them at 8 bits (RGBA / RGB), with the right values
+    gray_alpha = np.stack([GRADIENT16, np.full_like(GRADIENT16, 65535)], axis=-1)  # [1, 7, 2]
+    write_png16(tmp_path / "la16.png", gray_alpha, color_type=4)
+    with Image.open(tmp_path / "la16.png") as image:
+        assert np.asarray(data.to_rgb(image))[0, [0, 3, 6]].tolist() == [[0] * 3, [128] * 3, [255] * 3]
+    write_png16(tmp_path / "rgb16.png", np.array([[[0, 32896, 65535]]], dtype=np.uint16), color_type=2)
+    with Image.open(tmp_path / "rgb16.png") as image:
+        assert data.to_rgb(image).getpixel((0, 0)) == (0, 128, 255)
 
 
 def test_synthetic_set_is_deterministic_and_balanced():
@@ -51,6 +110,41 @@ def test_validation_shards_cover_every_image_once(world_size):
         _, val = data.build_loaders(dataset, dataset, batch_size=4, workers=0, rank=rank, world_size=world_size, seed=0)
         seen += list(val.dataset.indices)
     assert sorted(seen) == list(range(10))
+
+
+def make_solid_folder(root: Path) -> list[int]:
+    """train/ and val/ with classes c0 (3 images and broken.png, sorted last) and c1 (3 images); image i is solid
+    red i * 10, so a loaded image names itself. Returns the red values of the readable images of each split."""
+    for split in ("train", "val"):
+        for k in range(2):
+            (root / split / f"c{k}").mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (10 * (3 * k + i), 0, 0)).save(root / split / f"c{k}" / f"{i}.png")
+        (root / split / "c0" / "broken.png").write_bytes(b"not a png")
+    return [10 * i for i in range(6)]
+
+
+@pytest.mark.parametrize(("batch_size", "workers"), [(2, 0), (1, 0), (3, 1)])
+def test_unreadable_validation_image_is_dropped_and_counted_once(tmp_path, batch_size, workers):
+    readable = make_solid_folder(tmp_path)
+    tf = v2.PILToTensor()
+    train, val, classes = data.build_datasets(str(tmp_path), tf, tf, skip_bad=True)
+    assert classes == ["c0", "c1"] and len(val) == 7
+    assert train[3][0][0, 0, 0] == 30  # training replaces broken.png (index 3) by the next image: batches keep size
+    _, loader = data.build_loaders(train, val, batch_size=batch_size, workers=workers, rank=0, world_size=1, seed=0)
+    batches = list(loader)
+    # batch 1 holds broken.png alone: nothing left, so None (evaluate skips it); other sizes just shrink one batch
+    assert [b is None for b in batches].count(True) == (batch_size == 1)
+    seen = [(int(image[0, 0, 0]), int(target)) for b in batches if b is not None for image, target in zip(*b)]
+    assert sorted(seen) == [(red, red // 30) for red in readable]  # every readable image once, with its label
+    assert data.skipped_images(loader.dataset) == 1  # counted in the workers' shared slots
+    assert data.skipped_images(data.SyntheticShapes(4, seed=0)) == 0
+
+
+def test_drop_unreadable_collate():
+    images, targets = data.drop_unreadable([None, (torch.zeros(3, 4, 4), 1), (torch.ones(3, 4, 4), 0), None])
+    assert images.shape == (2, 3, 4, 4) and targets.tolist() == [1, 0]
+    assert data.drop_unreadable([None, None]) is None
 
 
 def test_training_order_depends_on_seed_and_epoch_only():
