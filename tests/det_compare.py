@@ -1,0 +1,82 @@
+"""Detections compared as sets, portably across CPUs: `assert_same_detections`.
+
+The mmdet fixtures were recorded on one CPU. On another (AVX2 instead of AVX-512, another thread count) the float32
+sums inside every conv and reduction run in another order, so logits and deltas differ in their last bits (~1e-6
+relative after twenty layers). That moves scores by ~1e-6 and boxes by up to ~1e-5 of their size, and it can swap
+the rank of two detections whose scores are that close, or swap which of two such detections is the last one kept
+at the `max_det` cut. A position-by-position comparison fails on both; the models are not wrong. So:
+
+* each expected detection must have a partner among the returned ones with the same label, a score within
+  `score_tol` and a box within `box_tol` per coordinate (order free);
+* a detection without a partner is forgiven only at the cut: when the other side is full (`max_det` detections)
+  and its score is within `score_tol` of that side's lowest kept score (it may be the 200th on one CPU and the
+  201st on another);
+* anything else unpaired (a wrong box, a wrong label, a missing or extra detection above the cut, a wrong count
+  below max_det) fails, naming the detection.
+"""
+import torch
+from torch import Tensor
+
+# Scores are probabilities; the last-bit differences above move them by ~1e-6, so 1e-4 leaves 100x margin and still
+# tells apart any two detections that are not near-ties.
+SCORE_TOL = 1e-4
+# Box coordinates are anchor + delta * anchor size, so their float32 error scales with the box, which is at most the
+# canvas: 1e-4 of the canvas (0.03 px at 320 px) is ~15x the worst seen between two CPUs (0.0023 px, RetinaNet-R18
+# at 320 px); a wrong box is off by pixels. The 1e-3 px floor covers float32 rounding of coordinates (~3e-5 px).
+BOX_TOL_PER_CANVAS_PX = 1e-4
+BOX_TOL_FLOOR = 1e-3
+# Losses are sums over ~1e5 anchor terms in float32 of inputs with the differences above: rel 1e-4, 100x margin.
+LOSS_REL = 1e-4
+
+
+def box_tolerance(canvas: int | tuple[int, ...]) -> float:
+    """Absolute tolerance in pixels for a box coordinate on a canvas of this size (px, or (h, w))."""
+    return BOX_TOL_FLOOR + BOX_TOL_PER_CANVAS_PX * max(canvas if isinstance(canvas, tuple) else (canvas,))
+
+
+def _as_rows(boxes, scores, labels) -> list[tuple[int, float, list[float]]]:
+    boxes, scores = torch.as_tensor(boxes, dtype=torch.float64), torch.as_tensor(scores, dtype=torch.float64)
+    return [(int(lab), float(s), b.tolist()) for b, s, lab in zip(boxes.reshape(-1, 4), scores, labels, strict=True)]
+
+
+def _describe(row: tuple[int, float, list[float]]) -> str:
+    return f"label {row[0]} score {row[1]:.6f} box [{', '.join(f'{v:.3f}' for v in row[2])}]"
+
+
+def assert_same_detections(
+    got: dict[str, Tensor], expected: dict[str, list], *, max_det: int, canvas: int | tuple[int, ...],
+    score_tol: float = SCORE_TOL, box_tol: float | None = None,
+) -> None:
+    """One image's detections against a recorded list, as sets (see the module docstring).
+
+    got: {"boxes" [K, 4], "scores" [K], "labels" [K], "valid" [K]} (one image of a model's output, K >= max_det
+    padded rows allowed); expected: {"boxes": [[x1, y1, x2, y2], ...], "scores": [...], "labels": [...]}.
+    """
+    box_tol = box_tolerance(canvas) if box_tol is None else box_tol
+    valid = got["valid"].bool()
+    ours = _as_rows(got["boxes"][valid], got["scores"][valid], got["labels"][valid].tolist())
+    theirs = _as_rows(expected["boxes"], expected["scores"], expected["labels"])
+    assert len(ours) <= max_det and len(theirs) <= max_det, (len(ours), len(theirs), max_det)
+    unmatched = set(range(len(ours)))
+    missing = []  # expected rows without a partner
+    for row in sorted(theirs, key=lambda r: -r[1]):
+        best, best_err = None, None
+        for j in unmatched:
+            label, score, box = ours[j]
+            err = max(abs(a - b) for a, b in zip(box, row[2], strict=True))
+            if label == row[0] and abs(score - row[1]) <= score_tol and err <= box_tol and (
+                    best is None or err < best_err):
+                best, best_err = j, err
+        if best is None:
+            missing.append(row)
+        else:
+            unmatched.discard(best)
+    extra = [ours[j] for j in sorted(unmatched)]
+
+    def forgiven(row, other_side) -> bool:  # a tie at the max_det cut of the other side
+        return len(other_side) == max_det and row[1] <= min(r[1] for r in other_side) + score_tol
+
+    problems = [f"expected {_describe(r)}: not returned" for r in missing if not forgiven(r, ours)]
+    problems += [f"returned {_describe(r)}: not expected" for r in extra if not forgiven(r, theirs)]
+    assert not problems, (f"{len(ours)} detections returned, {len(theirs)} expected (box tol {box_tol:.4f} px, "
+                          f"score tol {score_tol}):\n" + "\n".join(problems[:10]))
