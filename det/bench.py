@@ -100,8 +100,9 @@ def main() -> None:
     opt_ours = torch.optim.SGD([q for q in ours.parameters() if q.requires_grad], lr=1e-4, momentum=0.9)
     opt_theirs = torch.optim.SGD([q for q in theirs.parameters() if q.requires_grad], lr=1e-4, momentum=0.9)
     with autocast(device, args.amp):
-        cls_logits, box_deltas, anchors, sizes = ours.head_outputs(images)
-    heads = (cls_logits.detach().float().requires_grad_(), box_deltas.detach().float().requires_grad_(), anchors, sizes)
+        heads = ours.head_outputs(images)
+    for key in ("cls_logits", "box_deltas"):  # the loss alone: a leaf in place of the network's output
+        heads[key] = heads[key].detach().float().requires_grad_()
 
     def loss_only() -> None:
         sum(ours.loss(heads, targets).values()).backward()

@@ -126,6 +126,18 @@ def test_no_objects_frozen_stages_and_norm_eval():
             assert torch.equal(value, running[key]), key
 
 
+def test_head_outputs_keys_and_shapes():
+    model = retinanet.retinanet_r18().train()
+    images, targets = fixture_batch()
+    outputs = model.head_outputs(images)
+    sizes = [(-(-CANVAS[0] // s), -(-CANVAS[1] // s)) for s in retinanet.STRIDES]  # ceil: stride-2 convs pad
+    a = sum(h * w * retinanet.NUM_ANCHORS for h, w in sizes)
+    assert outputs["feature_sizes"] == sizes
+    assert {k: tuple(v.shape) for k, v in outputs.items() if k != "feature_sizes"} == {
+        "cls_logits": (3, a, 80), "box_deltas": (3, a, 4), "anchors": (a, 4)}
+    assert set(model.loss(outputs, targets)) == {"loss_cls", "loss_bbox"}
+
+
 def test_padding_rows_do_not_change_losses():
     model = retinanet.retinanet_r18().train()
     images, few = fixture_batch(max_gt=4)

@@ -68,7 +68,8 @@ def test_smaller_canvas_scales_the_default_boxes(name, canvas):
     model = getattr(S, name)().eval()
     assert S.RECIPES[name]["min_img_size"] <= canvas
     with torch.no_grad():
-        _, _, anchors, sizes = model.head_outputs(smooth_images(canvas, batch=1))
+        outputs = model.head_outputs(smooth_images(canvas, batch=1))
+    anchors, sizes = outputs["anchors"], outputs["feature_sizes"]
     native = model.anchors([(s, s) for s in FEATURE_SIZES[name]], model.canvas, torch.device("cpu"))
     levels = anchors.split([h * w * k for (h, w), k in zip(sizes, model.anchors_per_level, strict=True)])
     for small, big, k in zip(levels, native, model.anchors_per_level, strict=True):
@@ -99,6 +100,17 @@ def test_contract_train_and_eval(ssdlite):
     assert out["boxes"].shape == (2, 200, 4) and out["scores"].shape == out["labels"].shape == (2, 200)
     assert out["valid"].dtype == torch.bool
     assert (out["boxes"][1, :, 2] <= 200).all() and (out["boxes"][1, :, 3] <= 300).all()  # clipped to (h, w)
+
+
+def test_head_outputs_keys_and_shapes(ssdlite):
+    ssdlite.train()
+    outputs = ssdlite.head_outputs(smooth_images(320, batch=2))
+    a = NUM_ANCHORS["ssdlite_mobilenet_v2"]
+    assert {k: tuple(v.shape) for k, v in outputs.items() if k != "feature_sizes"} == {
+        "cls_logits": (2, a, 81), "box_deltas": (2, a, 4), "anchors": (a, 4)}
+    assert outputs["feature_sizes"] == [(s, s) for s in FEATURE_SIZES["ssdlite_mobilenet_v2"]]
+    losses = ssdlite.loss(outputs, padded_targets(EXAMPLE_GT[0][:2], EXAMPLE_GT[1][:2], 320))
+    assert set(losses) == {"loss_cls", "loss_bbox"}
 
 
 def test_batch_without_objects_has_finite_losses_and_gradients(ssdlite):

@@ -163,20 +163,19 @@ class RetinaNet(nn.Module):
                     m.eval()
         return self
 
-    def head_outputs(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, list[tuple[int, int]]]:
-        """images [B, 3, H, W] 0-255 RGB -> cls_logits [B, A, C], box_deltas [B, A, 4], anchors [A, 4] and the
-        feature-map size of each level (A = sum of h * w * 9)."""
+    def head_outputs(self, images: Tensor) -> dict:
+        """images [B, 3, H, W] 0-255 RGB -> {"cls_logits" [B, A, C], "box_deltas" [B, A, 4], "anchors" [A, 4],
+        "feature_sizes" [(h, w) per level]}, A = sum of h * w * 9."""
         feats = self.neck(self.backbone.stages(normalize(images, self.mean, self.std)))
         cls_logits, box_deltas = self.bbox_head(feats)
         sizes = [tuple(f.shape[-2:]) for f in feats]
         anchors = torch.cat(grid_anchors(list(self.base_anchors), sizes, STRIDES, device=images.device))  # [A, 4]
-        return cls_logits, box_deltas, anchors, sizes
+        return {"cls_logits": cls_logits, "box_deltas": box_deltas, "anchors": anchors, "feature_sizes": sizes}
 
-    def loss(self, outputs: tuple, targets: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Assignment + losses from `head_outputs`; anchors over each image's padding take no part."""
-        cls_logits, box_deltas, anchors, sizes = outputs
-        valid = anchor_valid_mask(targets["image_size"], sizes, STRIDES, NUM_ANCHORS)
-        return retinanet_loss(cls_logits, box_deltas, anchors, valid, targets)
+    def loss(self, outputs: dict, targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Assignment + losses from `head_outputs`' dict; anchors over each image's padding take no part."""
+        valid = anchor_valid_mask(targets["image_size"], outputs["feature_sizes"], STRIDES, NUM_ANCHORS)
+        return retinanet_loss(outputs["cls_logits"], outputs["box_deltas"], outputs["anchors"], valid, targets)
 
     def forward(self, images: Tensor, targets: dict[str, Tensor] | None = None,
                 image_size: Tensor | None = None) -> dict[str, Tensor]:
@@ -185,8 +184,8 @@ class RetinaNet(nn.Module):
         outputs = self.head_outputs(images)
         if self.training:
             return self.loss(outputs, targets)
-        cls_logits, box_deltas, anchors, sizes = outputs
-        return predict_boxes(cls_logits.sigmoid(), box_deltas, anchors, [h * w * NUM_ANCHORS for h, w in sizes],
+        level_sizes = [h * w * NUM_ANCHORS for h, w in outputs["feature_sizes"]]
+        return predict_boxes(outputs["cls_logits"].sigmoid(), outputs["box_deltas"], outputs["anchors"], level_sizes,
                              image_size_or_canvas(images, image_size), stds=BOX_STDS, **TEST_CFG)
 
 

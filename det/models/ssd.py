@@ -227,13 +227,14 @@ class SSD(nn.Module):
         self.register_buffer("mean", torch.tensor(mean), persistent=False)
         self.register_buffer("std", torch.tensor(std), persistent=False)
 
-    def head_outputs(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, list[tuple[int, int]]]:
-        """-> cls_logits [B, A, C + 1], box_deltas [B, A, 4], anchors [A, 4] and the feature-map size of each level
-        (A = sum of h * w * anchors per position); `ssd_loss` takes the first three."""
+    def head_outputs(self, images: Tensor) -> dict:
+        """images [B, 3, H, W] -> {"cls_logits" [B, A, C + 1] (background last), "box_deltas" [B, A, 4],
+        "anchors" [A, 4], "feature_sizes" [(h, w) per level]}, A = sum of h * w * anchors per position."""
         features = self.neck(self.backbone(normalize(images, self.mean, self.std)))
         cls_logits, box_deltas = self.bbox_head(features)
         sizes = [tuple(f.shape[-2:]) for f in features]
-        return cls_logits, box_deltas, torch.cat(self.anchors(sizes, images.shape[-1], images.device)), sizes
+        anchors = torch.cat(self.anchors(sizes, images.shape[-1], images.device))
+        return {"cls_logits": cls_logits, "box_deltas": box_deltas, "anchors": anchors, "feature_sizes": sizes}
 
     def anchors(self, sizes: Sequence[tuple[int, int]], canvas: int, device: torch.device) -> list[Tensor]:
         """Default boxes [h * w * K, 4] per level for the feature maps `sizes` of a square `canvas`. On the canvas
@@ -247,10 +248,9 @@ class SSD(nn.Module):
             strides = new_strides
         return grid_anchors(base, sizes, strides, device=device)
 
-    def loss(self, outputs: tuple, targets: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Assignment + losses from `head_outputs` (every anchor takes part: see the class docstring)."""
-        cls_logits, box_deltas, anchors, _ = outputs
-        return ssd_loss(cls_logits, box_deltas, anchors, targets)
+    def loss(self, outputs: dict, targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Assignment + losses from `head_outputs`' dict (every anchor takes part: see the class docstring)."""
+        return ssd_loss(outputs["cls_logits"], outputs["box_deltas"], outputs["anchors"], targets)
 
     def forward(
         self, images: Tensor, targets: dict[str, Tensor] | None = None, image_size: Tensor | None = None
@@ -259,11 +259,10 @@ class SSD(nn.Module):
         if self.training:
             assert targets is not None, "training needs targets"
             return self.loss(outputs, targets)
-        cls_logits, box_deltas, anchors, sizes = outputs
-        level_sizes = [h * w * k for (h, w), k in zip(sizes, self.anchors_per_level, strict=True)]
-        scores = cls_logits.float().softmax(-1)[..., :-1]  # drop the background, mmdet's last column
-        return predict_boxes(scores, box_deltas.float(), anchors, level_sizes, image_size_or_canvas(images, image_size),
-                             stds=BOX_STDS, **TEST_CFG)
+        level_sizes = [h * w * k for (h, w), k in zip(outputs["feature_sizes"], self.anchors_per_level, strict=True)]
+        scores = outputs["cls_logits"].float().softmax(-1)[..., :-1]  # drop the background, mmdet's last column
+        return predict_boxes(scores, outputs["box_deltas"].float(), outputs["anchors"], level_sizes,
+                             image_size_or_canvas(images, image_size), stds=BOX_STDS, **TEST_CFG)
 
 
 def from_mmdet(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
