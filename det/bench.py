@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from common.device import autocast, grad_scaler, resolve_device, synchronize
-from det.data import canvas_size
 from det.models import RECIPES, build_model
+from det.presets import get_preset
 
 TWINS = ("ssd300", "retinanet_r50")
 
@@ -79,7 +79,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     recipe = RECIPES[args.model]
-    height, width = canvas_size(recipe["preset"], args.img_size or recipe["img_size"], landscape=True)
+    height, width = get_preset(recipe["preset"]).canvas_size(args.img_size or recipe["img_size"], True)
     images, targets = random_batch(args.batch_size, height, width, args.num_gt, args.num_classes, device)
     tv_targets = [{"boxes": b, "labels": lab + (args.model == "ssd300")}  # SSD: label 0 is torchvision's background
                   for b, lab in zip(targets["boxes"], targets["labels"], strict=True)]

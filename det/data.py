@@ -1,7 +1,7 @@
 """Detection data: COCO-layout folders or the built-in synthetic COCO set, transforms v2 presets, padded batches.
 
 A batch is `(images, targets, metas)` whose shapes are static, so a graph compiler (Ascend) sees a handful of shapes:
-- images:  uint8 [B, 3, H, W] on the model's canvas (`canvas_size`), padded bottom/right with MEAN_COLOR; the model
+- images:  uint8 [B, 3, H, W] on the preset's canvas (det/presets.py), padded bottom/right with MEAN_COLOR; the model
            normalises on the device
 - targets: {"boxes": float32 [B, M, 4] xyxy canvas pixels, "labels": int64 [B, M] in 0..C-1, "valid": bool [B, M],
            "image_size": int64 [B, 2] (h, w) of each image inside the canvas}; padded rows are 0, 0, False.
@@ -25,77 +25,14 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from common.dist import barrier, is_main_process, print0
+from det.presets import MEAN_COLOR, get_preset
 from det.synthetic_coco import default_cache, synthetic_coco
 
-MEAN_COLOR = (124, 116, 104)  # mmdet's pixel mean (123.675, 116.28, 103.53), rounded: a pad normalises to ~0
-PRESETS = ("ssd", "retinanet")
 REQUIRED_FIELDS = {"images": ("id", "file_name", "width", "height"), "categories": ("id", "name"),
                    "annotations": ("id", "image_id", "category_id", "bbox")}
-
-
-def _unknown_preset(preset: str) -> ValueError:
-    return ValueError(f"unknown preset {preset!r}: choose {', '.join(PRESETS)}")
-
-
-def _long_side(short: int) -> int:
-    return round(short * 1333 / 800)  # mmdet Resize(scale=(1333, 800), keep_ratio=True), scaled with the short side
-
-
-def canvas_size(preset: str, img_size: int, landscape: bool) -> tuple[int, int]:
-    """(H, W) of the canvas a batch lies on. ssd: the square it resizes to. retinanet: (short, long) side rounded up to
-    multiples of 32 (mmdet's pad_size_divisor, the stride of P5), transposed for portrait images; `img_size` is the
-    short side and the long side follows it (800 -> 1333 -> canvas 800 x 1344)."""
-    if preset == "ssd":
-        return img_size, img_size
-    if preset == "retinanet":
-        short, long = (32 * math.ceil(s / 32) for s in (img_size, _long_side(img_size)))
-        return (short, long) if landscape else (long, short)
-    raise _unknown_preset(preset)
-
-
-def train_transforms(preset: str, img_size: int) -> v2.Compose:
-    """mmdet's training pipelines in transforms v2 (boxes follow the image), in mmdet's order.
-
-    ssd (configs/ssd/ssd300_coco.py): Expand onto the mean colour, MinIoURandomCrop, resize to the square, flip,
-    PhotoMetricDistortion; then boxes the crop cut away or the resize shrank under 1 px are dropped with their labels.
-    retinanet (configs/_base_/datasets/coco_detection.py): keep-ratio resize, flip.
-    """
-    if preset == "ssd":
-        return v2.Compose([
-            v2.RandomZoomOut(fill={tv_tensors.Image: MEAN_COLOR, "others": 0}, side_range=(1.0, 4.0), p=0.5),
-            # min IoU with the boxes one of 0.1..0.9, or 0 or no crop (the 1.0); crop sides 0.3-1, aspect 0.5-2: mmdet's
-            # options. torchvision asks one box to reach the IoU where mmdet asks all, both keep centred-in boxes.
-            v2.RandomIoUCrop(min_scale=0.3, sampler_options=[0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0], trials=50),
-            v2.Resize((img_size, img_size), antialias=True),
-            v2.RandomHorizontalFlip(0.5),
-            # mmdet: brightness +-32 of 255 (added; here a factor of 1 +- 32/255), contrast and saturation 0.5-1.5,
-            # hue +-18 degrees (0.05 of the circle), channel swap; each with p 0.5
-            v2.RandomPhotometricDistort(brightness=(1 - 32 / 255, 1 + 32 / 255), contrast=(0.5, 1.5),
-                                        saturation=(0.5, 1.5), hue=(-0.05, 0.05), p=0.5),
-            v2.SanitizeBoundingBoxes(),
-        ])
-    if preset == "retinanet":
-        return v2.Compose([_keep_ratio_resize(img_size), v2.RandomHorizontalFlip(0.5)])
-    raise _unknown_preset(preset)
-
-
-def eval_transforms(preset: str, img_size: int) -> v2.Compose:
-    """Resize only: to the square (ssd) or keep-ratio to fit (retinanet)."""
-    if preset == "ssd":
-        return v2.Compose([v2.Resize((img_size, img_size), antialias=True)])
-    if preset == "retinanet":
-        return v2.Compose([_keep_ratio_resize(img_size)])
-    raise _unknown_preset(preset)
-
-
-def _keep_ratio_resize(short: int) -> v2.Resize:
-    # short side to `short` unless the long side would pass _long_side: mmdet's min(1333 / long, 800 / short) scale
-    # (torchvision truncates sizes where mmdet rounds: they can differ by a pixel)
-    return v2.Resize(short, max_size=_long_side(short), antialias=True)
 
 
 def load_coco(ann_file: Path) -> COCO:
@@ -215,7 +152,8 @@ def collate(batch: Sequence[tuple], *, max_gt: int | None, preset: str,
     file's orientation (not the resized image's: rounding can make a portrait image square), the batch sampler keeps
     orientations apart."""
     images, targets, metas = zip(*batch, strict=True)
-    height, width = canvas_size(preset, img_size, landscape=metas[0]["orig_size"][1] >= metas[0]["orig_size"][0])
+    landscape = metas[0]["orig_size"][1] >= metas[0]["orig_size"][0]
+    height, width = get_preset(preset).canvas_size(img_size, landscape)
     counts = [len(t["labels"]) for t in targets]
     if max_gt is None:  # 32, 64, 128, ...: a few shapes over a run, as mmdet's Ascend heads pad
         max_gt = 32
@@ -292,7 +230,8 @@ def build_loaders(
     when the preset's canvas depends on it (retinanet), not for ssd (mmdet's configs do the same). Workers are not
     persistent: each epoch's are seeded from the global RNG, which a checkpoint restores, so a resumed run augments as
     an uninterrupted one; validation has its own generator, so evaluating never moves the global RNG."""
-    by_orientation = canvas_size(preset, img_size, True) != canvas_size(preset, img_size, False)
+    canvas_size = get_preset(preset).canvas_size
+    by_orientation = canvas_size(img_size, True) != canvas_size(img_size, False)
 
     def groups(dataset: CocoDetection) -> list[int]:
         return [int(landscape) for landscape in dataset.landscape] if by_orientation else [0] * len(dataset)
@@ -335,9 +274,10 @@ def build_datasets(
         if is_main_process():
             synthetic_coco(data_path, synthetic_train, synthetic_val)
         barrier()
-    train = CocoDetection(data_path, "train", train_transforms(preset, img_size), ann_file=train_ann,
+    transforms = get_preset(preset)
+    train = CocoDetection(data_path, "train", transforms.train_transforms(img_size), ann_file=train_ann,
                           img_dir=train_images)
-    val = CocoDetection(data_path, "val", eval_transforms(preset, img_size), ann_file=val_ann, img_dir=val_images)
+    val = CocoDetection(data_path, "val", transforms.eval_transforms(img_size), ann_file=val_ann, img_dir=val_images)
     if val.label_to_cat != train.label_to_cat:
         raise ValueError(f"{train.ann_file} and {val.ann_file} have different categories")
     return train, val

@@ -17,6 +17,7 @@ from common.device import resolve_device
 from det import data
 from det.eval import to_coco_results
 from det.models import RECIPES, build_model
+from det.presets import get_preset
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
@@ -28,7 +29,7 @@ def detect(model: torch.nn.Module, image: Image.Image, *, preset: str, img_size:
     pixels = tv_tensors.Image(F.pil_to_tensor(image.convert("RGB")))
     no_boxes = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=pixels.shape[-2:]),
                 "labels": torch.zeros(0, dtype=torch.int64)}
-    pixels, _ = data.eval_transforms(preset, img_size)(pixels, no_boxes)
+    pixels, _ = get_preset(preset).eval_transforms(img_size)(pixels, no_boxes)
     h0, w0 = image.height, image.width
     meta = {"image_id": 0, "file_name": "", "orig_size": (h0, w0),
             "scale": (pixels.shape[-2] / h0, pixels.shape[-1] / w0)}

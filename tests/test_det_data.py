@@ -12,8 +12,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from common.synthetic import SHAPES
-from det import data
+from det import data, presets
 from det import synthetic_coco as synthetic_coco_module
+from det.models import RECIPES
 from det.synthetic_coco import SYNTHETIC_CAT_IDS, synthetic_coco
 
 
@@ -141,23 +142,24 @@ def test_bad_input_names_the_file(tmp_path):
 
 
 def test_canvas_sizes():
-    assert data.canvas_size("ssd", 300, landscape=False) == (300, 300)
-    assert data.canvas_size("retinanet", 800, landscape=True) == (800, 1344)
-    assert data.canvas_size("retinanet", 800, landscape=False) == (1344, 800)
-    assert data.canvas_size("retinanet", 128, landscape=True) == (128, 224)  # 128 * 1333 / 800 = 213 -> 224
+    assert presets.ssd_canvas_size(300, landscape=False) == (300, 300)
+    assert presets.retinanet_canvas_size(800, landscape=True) == (800, 1344)
+    assert presets.retinanet_canvas_size(800, landscape=False) == (1344, 800)
+    assert presets.retinanet_canvas_size(128, landscape=True) == (128, 224)  # 128 * 1333 / 800 = 213 -> 224
+    assert set(presets.PRESETS) == {recipe["preset"] for recipe in RECIPES.values()}
     with pytest.raises(ValueError, match="unknown preset 'yolo'"):
-        data.train_transforms("yolo", 128)
+        presets.get_preset("yolo")
 
 
 @pytest.mark.parametrize("preset,img_size", [("ssd", 96), ("retinanet", 96)])
 def test_train_augmentation_keeps_boxes_on_the_canvas(synthetic, preset, img_size, one_thread):
-    dataset = data.CocoDetection(synthetic, "train", data.train_transforms(preset, img_size))
+    dataset = data.CocoDetection(synthetic, "train", presets.get_preset(preset).train_transforms(img_size))
     torch.manual_seed(0)
     objects = 0
     for index in list(range(len(dataset))) * 3:
         image, target, _ = dataset[index]
         h, w = image.shape[-2:]
-        height, width = data.canvas_size(preset, img_size, landscape=w >= h)
+        height, width = presets.get_preset(preset).canvas_size(img_size, landscape=w >= h)
         assert image.dtype == torch.uint8 and h <= height and w <= width
         boxes = target["boxes"]
         assert boxes.dtype == torch.float32 and len(boxes) == len(target["labels"])
@@ -174,10 +176,10 @@ def test_labels_follow_their_boxes(preset, one_thread):
     palette = torch.tensor([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)], dtype=torch.uint8)
     rects = torch.tensor([[10, 10, 50, 40], [70, 15, 110, 60], [130, 10, 155, 50], [20, 70, 80, 110],
                           [100, 75, 150, 115]], dtype=torch.float32)
-    image = torch.tensor(data.MEAN_COLOR, dtype=torch.uint8).view(3, 1, 1).repeat(1, 120, 160)
+    image = torch.tensor(presets.MEAN_COLOR, dtype=torch.uint8).view(3, 1, 1).repeat(1, 120, 160)
     for (x1, y1, x2, y2), color in zip(rects.int().tolist(), palette, strict=True):
         image[:, y1:y2, x1:x2] = color.view(3, 1, 1)
-    transform = v2.Compose([t for t in data.train_transforms(preset, 128).transforms
+    transform = v2.Compose([t for t in presets.get_preset(preset).train_transforms(128).transforms
                             if not isinstance(t, v2.RandomPhotometricDistort)])
     torch.manual_seed(0)
     checked = 0
@@ -196,12 +198,12 @@ def test_labels_follow_their_boxes(preset, one_thread):
 
 @pytest.mark.parametrize("preset,img_size", [("ssd", 96), ("retinanet", 64)])
 def test_collate_pads_to_the_canvas(synthetic, preset, img_size):
-    dataset = data.CocoDetection(synthetic, "val", data.eval_transforms(preset, img_size))
+    dataset = data.CocoDetection(synthetic, "val", presets.get_preset(preset).eval_transforms(img_size))
     for landscape in (True, False):
         indices = [i for i, flag in enumerate(dataset.landscape) if flag == landscape][:4]
         images, targets, metas = data.collate([dataset[i] for i in indices], max_gt=None, preset=preset,
                                               img_size=img_size)
-        height, width = data.canvas_size(preset, img_size, landscape)
+        height, width = presets.get_preset(preset).canvas_size(img_size, landscape)
         assert images.shape == (len(indices), 3, height, width) and images.dtype == torch.uint8
         assert targets["boxes"].shape == (len(indices), 32, 4) and targets["boxes"].dtype == torch.float32
         assert targets["labels"].dtype == torch.int64 and targets["valid"].dtype == torch.bool
@@ -211,8 +213,8 @@ def test_collate_pads_to_the_canvas(synthetic, preset, img_size):
             h0, w0 = meta["orig_size"]
             h, w = round(h0 * sy), round(w0 * sx)
             assert targets["image_size"][k].tolist() == [h, w]
-            assert (images[k, :, h:] == torch.tensor(data.MEAN_COLOR).view(3, 1, 1)).all()
-            assert (images[k, :, :, w:] == torch.tensor(data.MEAN_COLOR).view(3, 1, 1)).all()
+            assert (images[k, :, h:] == torch.tensor(presets.MEAN_COLOR).view(3, 1, 1)).all()
+            assert (images[k, :, :, w:] == torch.tensor(presets.MEAN_COLOR).view(3, 1, 1)).all()
             assert targets["valid"][k].tolist() == [True] * n + [False] * (32 - n)
             assert not targets["boxes"][k, n:].any() and not targets["labels"][k, n:].any()
             assert targets["labels"][k, :n].tolist() == dataset.labels[i].tolist()
@@ -274,8 +276,8 @@ def test_grouped_batches_keep_orientations_apart():
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_validation_shards_cover_each_image_once(synthetic, world_size):
-    train = data.CocoDetection(synthetic, "train", data.train_transforms("retinanet", 64))
-    val = data.CocoDetection(synthetic, "val", data.eval_transforms("retinanet", 64))
+    train = data.CocoDetection(synthetic, "train", presets.get_preset("retinanet").train_transforms(64))
+    val = data.CocoDetection(synthetic, "val", presets.get_preset("retinanet").eval_transforms(64))
     seen = []
     for rank in range(world_size):
         train_loader, val_loader = data.build_loaders(

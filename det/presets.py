@@ -1,0 +1,87 @@
+"""Data presets: how a detector family's images reach its canvas, as plain functions per preset.
+
+A preset is three functions (`Preset`): the canvas (H, W) a batch lies on, the training transforms and the
+evaluation transforms, all in torchvision transforms v2 (boxes follow the image). `PRESETS` maps a recipe's
+"preset" name to them; a new family (YOLO, CenterNet, SOLO) adds its three functions and one entry.
+"""
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+MEAN_COLOR = (124, 116, 104)  # mmdet's pixel mean (123.675, 116.28, 103.53), rounded: a pad normalises to ~0
+
+
+@dataclass(frozen=True)
+class Preset:
+    canvas_size: Callable[[int, bool], tuple[int, int]]  # (img_size, landscape) -> (H, W) of a batch's canvas
+    train_transforms: Callable[[int], v2.Compose]  # img_size -> transforms of (image, {"boxes", "labels"})
+    eval_transforms: Callable[[int], v2.Compose]
+
+
+# ssd (configs/ssd/ssd300_coco.py): every image resized onto the whole square canvas.
+def ssd_canvas_size(img_size: int, landscape: bool) -> tuple[int, int]:
+    return img_size, img_size
+
+
+def ssd_train_transforms(img_size: int) -> v2.Compose:
+    """Expand onto the mean colour, MinIoURandomCrop, resize to the square, flip, PhotoMetricDistortion (mmdet's
+    order); then boxes the crop cut away or the resize shrank under 1 px are dropped with their labels."""
+    return v2.Compose([
+        v2.RandomZoomOut(fill={tv_tensors.Image: MEAN_COLOR, "others": 0}, side_range=(1.0, 4.0), p=0.5),
+        # min IoU with the boxes one of 0.1..0.9, or 0 or no crop (the 1.0); crop sides 0.3-1, aspect 0.5-2: mmdet's
+        # options. torchvision asks one box to reach the IoU where mmdet asks all, both keep centred-in boxes.
+        v2.RandomIoUCrop(min_scale=0.3, sampler_options=[0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0], trials=50),
+        v2.Resize((img_size, img_size), antialias=True),
+        v2.RandomHorizontalFlip(0.5),
+        # mmdet: brightness +-32 of 255 (added; here a factor of 1 +- 32/255), contrast and saturation 0.5-1.5,
+        # hue +-18 degrees (0.05 of the circle), channel swap; each with p 0.5
+        v2.RandomPhotometricDistort(brightness=(1 - 32 / 255, 1 + 32 / 255), contrast=(0.5, 1.5),
+                                    saturation=(0.5, 1.5), hue=(-0.05, 0.05), p=0.5),
+        v2.SanitizeBoundingBoxes(),
+    ])
+
+
+def ssd_eval_transforms(img_size: int) -> v2.Compose:
+    return v2.Compose([v2.Resize((img_size, img_size), antialias=True)])
+
+
+# retinanet (configs/_base_/datasets/coco_detection.py): keep-ratio resize, flip at training; `img_size` is the short
+# side and the long side follows it as 1333 follows 800.
+def _long_side(short: int) -> int:
+    return round(short * 1333 / 800)  # mmdet Resize(scale=(1333, 800), keep_ratio=True), scaled with the short side
+
+
+def _keep_ratio_resize(short: int) -> v2.Resize:
+    # short side to `short` unless the long side would pass _long_side: mmdet's min(1333 / long, 800 / short) scale
+    # (torchvision truncates sizes where mmdet rounds: they can differ by a pixel)
+    return v2.Resize(short, max_size=_long_side(short), antialias=True)
+
+
+def retinanet_canvas_size(img_size: int, landscape: bool) -> tuple[int, int]:
+    """(short, long) side rounded up to multiples of 32 (mmdet's pad_size_divisor, the stride of P5), transposed for
+    portrait images (800 -> 1333 -> canvas 800 x 1344)."""
+    short, long = (32 * math.ceil(s / 32) for s in (img_size, _long_side(img_size)))
+    return (short, long) if landscape else (long, short)
+
+
+def retinanet_train_transforms(img_size: int) -> v2.Compose:
+    return v2.Compose([_keep_ratio_resize(img_size), v2.RandomHorizontalFlip(0.5)])
+
+
+def retinanet_eval_transforms(img_size: int) -> v2.Compose:
+    return v2.Compose([_keep_ratio_resize(img_size)])
+
+
+PRESETS = {
+    "ssd": Preset(ssd_canvas_size, ssd_train_transforms, ssd_eval_transforms),
+    "retinanet": Preset(retinanet_canvas_size, retinanet_train_transforms, retinanet_eval_transforms),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose {', '.join(PRESETS)}")
+    return PRESETS[name]
