@@ -14,6 +14,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 from cls.models import resnet
 from det.anchors import grid_anchors, octave_base_anchors
+from det.backbones import ResNetBackbone
 from det.fpn import FPN
 from det.models import retinanet
 from tests.det_compare import LOSS_REL, assert_same_detections
@@ -136,6 +137,17 @@ def test_head_outputs_keys_and_shapes():
     assert {k: tuple(v.shape) for k, v in outputs.items() if k != "feature_sizes"} == {
         "cls_logits": (3, a, 80), "box_deltas": (3, a, 4), "anchors": (a, 4)}
     assert set(model.loss(outputs, targets)) == {"loss_cls", "loss_bbox"}
+
+
+def test_backbone_freezing_and_norm_eval_are_arguments():
+    """det/backbones.py's ResNet for detectors trained from scratch: nothing frozen, BatchNorms train."""
+    free = ResNetBackbone(18, frozen_stages=-1, norm_eval=False).train()
+    assert all(p.requires_grad for p in free.parameters())
+    assert all(m.training for m in free.modules() if isinstance(m, nn.BatchNorm2d))
+    stem_only = ResNetBackbone(50, frozen_stages=0)
+    assert {n.split(".")[0] for n, p in stem_only.named_parameters() if not p.requires_grad} == {"conv1", "bn1"}
+    feats = stem_only.eval()(torch.zeros(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == stem_only.out_channels == [256, 512, 1024, 2048]
 
 
 def test_padding_rows_do_not_change_losses():

@@ -17,7 +17,9 @@ import torchvision
 from torchvision.models.detection.image_list import ImageList
 
 from cls.models import mobilenet_v2, vgg
+from det.models import MODELS, RECIPES, load_backbone_weights, to_our_names
 from det.models import ssd as S
+from det.models import ssdlite as L
 from tests.det_compare import LOSS_REL, assert_same_detections
 from tests.mmpretrain_fixture import seeded_state_dict
 
@@ -54,7 +56,7 @@ EXAMPLE_GT = ([[[20.0, 30, 120, 160], [150, 40, 290, 280]], [], [[100.0, 100, 10
 
 @pytest.mark.parametrize("name", PARAMS)
 def test_parameter_counts_and_anchors(name):
-    model = getattr(S, name)()
+    model = MODELS[name]()
     assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == PARAMS[name]
     per_position = zip(FEATURE_SIZES[name], model.anchors_per_level, strict=True)
@@ -65,8 +67,8 @@ def test_parameter_counts_and_anchors(name):
 def test_smaller_canvas_scales_the_default_boxes(name, canvas):
     """--img-size for quick runs: each box keeps its size relative to the canvas, each level's centres spread
     evenly over it (the recipe's min_img_size is the smallest canvas the layers take)."""
-    model = getattr(S, name)().eval()
-    assert S.RECIPES[name]["min_img_size"] <= canvas
+    model = MODELS[name]().eval()
+    assert RECIPES[name]["min_img_size"] <= canvas
     with torch.no_grad():
         outputs = model.head_outputs(smooth_images(canvas, batch=1))
     anchors, sizes = outputs["anchors"], outputs["feature_sizes"]
@@ -82,7 +84,7 @@ def test_smaller_canvas_scales_the_default_boxes(name, canvas):
 @pytest.fixture(scope="module")
 def ssdlite():
     torch.manual_seed(0)
-    return S.ssdlite_mobilenet_v2()
+    return L.ssdlite_mobilenet_v2()
 
 
 def test_contract_train_and_eval(ssdlite):
@@ -155,8 +157,9 @@ def test_loss_compiles_without_graph_breaks():
 def test_equals_mmdet(name):
     with gzip.open(DATA / f"mmdet_{name}.json.gz", "rt") as f:
         fixture = json.load(f)
-    model = getattr(S, name)()
-    model.load_state_dict(S.from_mmdet(seeded_state_dict(fixture["keys"])), strict=True)
+    model = MODELS[name]()
+    mmdet_checkpoint = {"state_dict": seeded_state_dict(fixture["keys"])}
+    model.load_state_dict(to_our_names(name, mmdet_checkpoint), strict=True)  # the family's from_mmdet
     size = fixture["canvas"]
     images = smooth_images(size, fixture["image_seed"])
     assert images.long().sum().item() == fixture["image_sum"]  # same inputs as recorded
@@ -184,8 +187,8 @@ def test_backbone_weights_load(tmp_path, name, arch, unused, missing):
         classifier = getattr(vgg if arch == "vgg16" else mobilenet_v2, arch)()
     state = seeded_state_dict([(k, list(v.shape)) for k, v in classifier.state_dict().items()])
     torch.save({"model": state}, tmp_path / "cls.pth")  # the format train_cls.py writes
-    model = getattr(S, name)()
-    report = S.load_backbone_weights(model, torch.load(tmp_path / "cls.pth", weights_only=True))
+    model = MODELS[name]()
+    report = load_backbone_weights(name, model, torch.load(tmp_path / "cls.pth", weights_only=True))
     assert set(report["unexpected"]) == unused and set(report["missing"]) == missing and not report["shape_mismatch"]
     torch.testing.assert_close(model.backbone.features[0].state_dict(), {k.removeprefix("features.0."): v
                                for k, v in state.items() if k.startswith("features.0.")})

@@ -5,16 +5,16 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from det.models import retinanet, ssd
+from det.models import retinanet, ssd, ssdlite
 
 MODELS = {
     "ssd300": ssd.ssd300,
     "ssd512": ssd.ssd512,
-    "ssdlite_mobilenet_v2": ssd.ssdlite_mobilenet_v2,
+    "ssdlite_mobilenet_v2": ssdlite.ssdlite_mobilenet_v2,
     "retinanet_r18": retinanet.retinanet_r18,
     "retinanet_r50": retinanet.retinanet_r50,
 }
-RECIPES = {**ssd.RECIPES, **retinanet.RECIPES}  # the mmdet configs' training recipes, by model name
+RECIPES = {**ssd.RECIPES, **ssdlite.RECIPES, **retinanet.RECIPES}  # the mmdet configs' training recipes, by model name
 
 
 def build_model(name: str, num_classes: int = 80) -> nn.Module:

@@ -1,6 +1,6 @@
 """RetinaNet (Lin et al. 2017, "Focal Loss for Dense Object Detection") as mmdet 3.3.0 builds
-retinanet_r{18,50}_fpn_1x_coco: ResNet (stem and stage 1 frozen, every BatchNorm in eval mode) -> FPN P3-P7 ->
-a shared head of two 4-conv towers predicting 9 anchors x C class logits and 9 x 4 box deltas per location.
+retinanet_r{18,50}_fpn_1x_coco: ResNet (det/backbones.py: stem and stage 1 frozen, BatchNorms in eval mode) ->
+FPN P3-P7 -> a shared head of two 4-conv towers predicting 9 anchors x C class logits and 9 x 4 box deltas per location.
 
 Training assigns anchors to objects by IoU (>= 0.5 object, < 0.4 background, in between ignored, plus each object's
 best anchors) and sums the focal loss over assigned anchors and an L1 loss over positives, both divided by the
@@ -13,12 +13,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from cls.convert import to_our_names
-from cls.models import resnet
 from cls.models.layers import ConvModule
-from common.checkpoint import load_model_weights
 from det.anchors import grid_anchors, octave_base_anchors
 from det.assign import gather_gt, max_iou_assign
+from det.backbones import ResNetBackbone
 from det.boxes import box_iou, encode_deltas
 from det.fpn import FPN
 from det.losses import sigmoid_focal_loss
@@ -30,18 +28,6 @@ PAD_DIVISOR = 32  # mmdet DetDataPreprocessor pad_size_divisor: each image's "pa
 BOX_STDS = (1.0, 1.0, 1.0, 1.0)  # mmdet 3.x RetinaNet bbox_coder target_stds
 # mmdet test_cfg: nms_pre, score_thr, nms iou_threshold, max_per_img (min_bbox_size 0 is in predict_boxes)
 TEST_CFG = dict(nms_pre=1000, score_thr=0.05, iou_thr=0.5, max_det=100)
-
-
-def resnet_backbone(depth: int, frozen_stages: int = 1) -> resnet.ResNet:
-    """mmdet's ResNet(style='pytorch', frozen_stages) from our classification ResNet: no classifier, and the stem
-    plus the first `frozen_stages` stages take no gradient (they keep their ImageNet low-level filters)."""
-    backbone = {18: resnet.resnet18, 50: resnet.resnet50}[depth]()
-    backbone.fc = nn.Identity()  # detection uses `stages()` (C2-C5) only
-    if frozen_stages >= 0:
-        frozen = [backbone.conv1, backbone.bn1] + [getattr(backbone, f"layer{i}") for i in range(1, frozen_stages + 1)]
-        for module in frozen:
-            module.requires_grad_(False)
-    return backbone
 
 
 def anchor_valid_mask(image_size: Tensor, feature_sizes: Sequence[tuple[int, int]], strides: Sequence[int],
@@ -139,34 +125,20 @@ class RetinaHead(nn.Module):
 class RetinaNet(nn.Module):
     def __init__(self, depth: int, num_classes: int = 80, *, frozen_stages: int = 1, norm_eval: bool = True) -> None:
         super().__init__()
-        self.depth = depth
-        self.norm_eval = norm_eval
-        self.backbone = resnet_backbone(depth, frozen_stages)
-        expansion = 1 if depth < 50 else 4
+        self.backbone = ResNetBackbone(depth, frozen_stages=frozen_stages, norm_eval=norm_eval)
         # mmdet neck: FPN(start_level=1, add_extra_convs='on_input', num_outs=5): P3-P5 from C3-C5, P6 by a
         # stride-2 conv on C5 and P7 on P6 (no ReLU between them in mmdet, relu_before_extra_convs=False)
-        self.neck = FPN([64 * expansion * 2**i for i in range(4)], 256, start_level=1, num_extra_levels=2,
-                        extra_convs="on_input")
+        self.neck = FPN(self.backbone.out_channels, 256, start_level=1, num_extra_levels=2, extra_convs="on_input")
         self.bbox_head = RetinaHead(num_classes)
         # mmdet DetDataPreprocessor: ImageNet RGB statistics on 0-255 pixels
         self.register_buffer("mean", torch.tensor([123.675, 116.28, 103.53]), persistent=False)
         self.register_buffer("std", torch.tensor([58.395, 57.12, 57.375]), persistent=False)
         self.register_buffer("base_anchors", torch.stack(octave_base_anchors(STRIDES)), persistent=False)  # [5,9,4]
 
-    def train(self, mode: bool = True) -> "RetinaNet":
-        """mmdet norm_eval: backbone BatchNorms keep their ImageNet statistics (detection batches of 2-8 images
-        are too small to estimate them); their affine parameters still train outside the frozen stages."""
-        super().train(mode)
-        if mode and self.norm_eval:
-            for m in self.backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):  # SyncBatchNorm too, as mmdet's check
-                    m.eval()
-        return self
-
     def head_outputs(self, images: Tensor) -> dict:
         """images [B, 3, H, W] 0-255 RGB -> {"cls_logits" [B, A, C], "box_deltas" [B, A, 4], "anchors" [A, 4],
         "feature_sizes" [(h, w) per level]}, A = sum of h * w * 9."""
-        feats = self.neck(self.backbone.stages(normalize(images, self.mean, self.std)))
+        feats = self.neck(self.backbone(normalize(images, self.mean, self.std)))
         cls_logits, box_deltas = self.bbox_head(feats)
         sizes = [tuple(f.shape[-2:]) for f in feats]
         anchors = torch.cat(grid_anchors(list(self.base_anchors), sizes, STRIDES, device=images.device))  # [A, 4]
@@ -192,7 +164,7 @@ class RetinaNet(nn.Module):
 def load_backbone_weights(model: RetinaNet, checkpoint: dict) -> dict[str, list[str]]:
     """An ImageNet ResNet checkpoint (ours / torchvision / mmpretrain) into `model.backbone`; the classifier
     (`fc.*`) is reported unused. Returns load_model_weights' report."""
-    return load_model_weights(model.backbone, to_our_names(f"resnet{model.depth}", checkpoint))
+    return model.backbone.load_classification_weights(checkpoint)
 
 
 # Training recipes of the seed's configs (mmdet 3.3.0 .mim/configs/retinanet). Both: 12 epochs, SGD momentum 0.9,

@@ -3,12 +3,11 @@
 backbone -> neck (extra layers, one more map each) -> head (one conv per map for scores, one for boxes) over SSD's
 default boxes. Scores are a softmax over C + 1 classes with the background LAST (mmdet's order); training assigns
 anchors by max IoU, regresses positives with smooth-L1 and mines 3 negatives per positive by classification loss.
-Names follow mmdet's checkpoints (`backbone.*`, `neck.*`, `bbox_head.*`); `from_mmdet` renames the one part that
-differs (SSDLite's MobileNetV2), `from_torchvision` loads torchvision's `ssd300_vgg16` (the same network as SSD300).
+Names follow mmdet's checkpoints (`backbone.*`, `neck.*`, `bbox_head.*`); `from_torchvision` loads torchvision's
+`ssd300_vgg16` (the same network as SSD300). SSDLite (MobileNetV2 trunk, depthwise layers) is det/models/ssdlite.py.
 """
 import re
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,19 +21,35 @@ from det.anchors import grid_anchors, ssd_base_anchors, ssd_sizes
 from det.assign import gather_gt, hard_negative_mask, max_iou_assign
 from det.boxes import box_iou, encode_deltas
 from det.models.dense import flatten_levels, image_size_or_canvas, normalize, predict_boxes
-from det.models.ssdlite import DepthwiseSeparableConv, MobileNetV2Trunk, rename_mmdet_mobilenet_v2
 
 BOX_STDS = (0.1, 0.1, 0.2, 0.2)  # mmdet's DeltaXYWHBBoxCoder target_stds for SSD (the paper's "variances")
 TEST_CFG = dict(nms_pre=1000, score_thr=0.02, iou_thr=0.45, max_det=200)  # mmdet's SSD test_cfg
 
 
-def _init_convs(module: nn.Module, init: Callable[[Tensor], object]) -> None:
+def init_convs(module: nn.Module, init: Callable[[Tensor], object]) -> None:
     """mmdet's init_cfg for one part: `init` on every Conv2d weight, biases 0 (norm layers keep 1 / 0)."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             init(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+class DepthwiseSeparableConv(nn.Module):
+    """kxk depthwise conv -> norm -> act, then 1x1 pointwise conv -> norm -> act; mmcv's
+    DepthwiseSeparableConvModule with its names (`depthwise_conv`, `pointwise_conv`)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int,
+        norm: NormLayer | None, act: type[nn.Module] | None,
+    ) -> None:
+        super().__init__()
+        self.depthwise_conv = ConvModule(in_channels, in_channels, kernel_size, stride, padding, groups=in_channels,
+                                         norm=norm, act=act)
+        self.pointwise_conv = ConvModule(in_channels, out_channels, 1, norm=norm, act=act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pointwise_conv(self.depthwise_conv(x))
 
 
 class L2Norm(nn.Module):
@@ -266,8 +281,8 @@ class SSD(nn.Module):
 
 
 def from_mmdet(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """An mmdet SSD / SSDLite state dict onto our names: only SSDLite's MobileNetV2 backbone is renamed."""
-    return rename_mmdet_mobilenet_v2(state_dict)
+    """An mmdet SSD300 / SSD512 state dict onto our names: they are the same (SSDLite's differ: see ssdlite.py)."""
+    return dict(state_dict)
 
 
 def from_torchvision(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -314,17 +329,17 @@ def _ssd_vgg(num_classes: int, input_size: int, neck_args: dict, strides: list[i
     base_anchors = ssd_base_anchors(strides, ratios, *ssd_sizes(input_size, ratio_range, len(strides)))
     neck = SSDNeck(in_channels=(512, 1024), l2_norm_scale=20.0, **neck_args)
     head = SSDHead(num_classes=num_classes, in_channels=channels, num_anchors=[len(b) for b in base_anchors])
-    _init_convs(neck.extra_layers, nn.init.xavier_uniform_)  # mmdet's SSDNeck / SSDHead init_cfg
-    _init_convs(head, nn.init.xavier_uniform_)
+    init_convs(neck.extra_layers, nn.init.xavier_uniform_)  # mmdet's SSDNeck / SSDHead init_cfg
+    init_convs(head, nn.init.xavier_uniform_)
     # mmdet's data_preprocessor: std 1, the caffe VGG-16 weights expect 0-255 inputs minus the mean
     return SSD(backbone=SSDVGG(), neck=neck, bbox_head=head, canvas=input_size, strides=strides,
                base_anchors=base_anchors, mean=(123.675, 116.28, 103.53), std=(1.0, 1.0, 1.0))
 
 
 # mmdet's configs ssd/ssd300_coco.py, ssd/ssd512_coco.py (schedule_2x: 24 epochs, steps 16 / 22, linear warmup 500
-# iters from 0.001) and ssd/ssdlite_mobilenetv2-scratch_8xb24-600e_coco.py (120 cosine epochs). All train on COCO
-# wrapped in RepeatDataset(times=5), so an mmdet "epoch" is 5 passes; lr is for lr_batch = auto_scale_lr's
-# base_batch_size (8 GPUs x batch_size). Train pipeline in all three (det/data.py's "ssd" preset): Expand (ratio
+# iters from 0.001); SSDLite's is in det/models/ssdlite.py. All train on COCO wrapped in RepeatDataset(times=5), so
+# an mmdet "epoch" is 5 passes; lr is for lr_batch = auto_scale_lr's base_batch_size (8 GPUs x batch_size).
+# Train pipeline of all SSDs (det/presets.py's "ssd" preset): Expand (ratio
 # 1-4, mean fill), MinIoURandomCrop (min IoUs 0.1-0.9, min crop 0.3), Resize to the square canvas (no keep-ratio),
 # flip 0.5, PhotoMetricDistortion; images without objects or smaller than 32 px are dropped.
 _SSD_RECIPE = dict(preset="ssd", batch_size=8, lr=2e-3, lr_batch=64, momentum=0.9, weight_decay=5e-4, epochs=24,
@@ -334,9 +349,6 @@ _SSD_RECIPE = dict(preset="ssd", batch_size=8, lr=2e-3, lr_batch=64, momentum=0.
 RECIPES = {
     "ssd300": dict(_SSD_RECIPE, img_size=300, min_img_size=257),
     "ssd512": dict(_SSD_RECIPE, img_size=512, min_img_size=257),
-    "ssdlite_mobilenet_v2": dict(preset="ssd", img_size=320, min_img_size=40, batch_size=24, lr=0.015, lr_batch=192,
-                                 momentum=0.9, weight_decay=4e-5, epochs=120, schedule="cosine", lr_steps=None,
-                                 warmup_iters=500, warmup_factor=0.001, repeat=5, clip_grad=None),
 }
 
 
@@ -351,23 +363,3 @@ def ssd512(num_classes: int = 80) -> SSD:
                 level_paddings=(1, 1, 1, 1, 1), last_kernel_size=4)
     return _ssd_vgg(num_classes, 512, neck, [8, 16, 32, 64, 128, 256, 512],
                     [[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]], (0.1, 0.9))
-
-
-def ssdlite_mobilenet_v2(num_classes: int = 80) -> SSD:
-    """Trained from scratch in mmdet: its init (truncated normal 0.03 backbone / neck, normal 0.001 head) matters."""
-    norm = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.03)
-    channels = (96, 1280, 512, 256, 256, 128)
-    strides = [16, 32, 64, 107, 160, 320]
-    base_anchors = ssd_base_anchors(strides, [[2, 3]] * 6, [48, 100, 150, 202, 253, 304],
-                                    [100, 150, 202, 253, 304, 320])  # sizes set by hand in the config, for 320 px
-    backbone = MobileNetV2Trunk(norm)
-    neck = SSDNeck(in_channels=channels[:2], out_channels=channels, level_strides=(2, 2, 2, 2),
-                   level_paddings=(1, 1, 1, 1), l2_norm_scale=None, depthwise=True, norm=norm, act=nn.ReLU6)
-    head = SSDHead(num_classes=num_classes, in_channels=channels, num_anchors=[len(b) for b in base_anchors],
-                   depthwise=True, norm=norm, act=nn.ReLU6)
-    for part in (backbone, neck):
-        _init_convs(part, partial(nn.init.trunc_normal_, std=0.03))
-    _init_convs(head, partial(nn.init.normal_, std=0.001))
-    return SSD(backbone=backbone, neck=neck, bbox_head=head, canvas=320, strides=strides,
-               base_anchors=base_anchors, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
-
