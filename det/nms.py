@@ -1,4 +1,6 @@
 """Inference post-processing with static shapes: candidate selection and exact class-aware greedy NMS, batched.
+`select_and_nms` takes boxes already decoded (from anchors and deltas, or from points and distances), so every
+dense head shares it.
 
 `torchvision.ops.nms` has no NPU kernel (it falls back to the CPU) and returns a data-dependent number of boxes.
 Here every step is a dense tensor op over a fixed number of candidates, and results come back padded to
@@ -7,7 +9,7 @@ Here every step is a dense tensor op over a fixed number of candidates, and resu
 import torch
 from torch import Tensor
 
-from det.boxes import box_iou
+from det.boxes import box_area, box_iou, clip_boxes
 
 Detections = tuple[Tensor, Tensor, Tensor, Tensor]  # boxes [B, K, 4], scores [B, K], labels [B, K], valid [B, K]
 
@@ -72,3 +74,24 @@ def batched_nms(
     top, index = scores.masked_fill(~keep, float("-inf")).topk(max_det, dim=1)
     return (boxes.gather(1, index[..., None].expand(-1, -1, 4)), top.masked_fill(top == float("-inf"), 0.0),
             labels.gather(1, index), keep.gather(1, index))
+
+
+def select_and_nms(
+    boxes: Tensor, scores: Tensor, level_sizes: list[int], image_size: Tensor, *, nms_pre: int, score_thr: float,
+    iou_thr: float, max_det: int, max_candidates: int = 1000,
+) -> dict[str, Tensor]:
+    """mmdet's `predict_by_feat` after decoding, batched and static in shape.
+
+    boxes [B, A, 4] decoded xyxy (one per anchor or point), scores [B, A, C] class probabilities (no background
+    column), level_sizes: A per level (sum = A), image_size [B, 2] (h, w) to clip to. Per level the `nms_pre` best
+    (location, class) pairs above `score_thr`, clipped; zero-size boxes dropped (mmdet's min_bbox_size 0);
+    class-wise NMS over the `max_candidates` best of those; the `max_det` best.
+    Returns {"boxes": [B, max_det, 4], "scores", "labels", "valid": [B, max_det]}.
+    """
+    cand_boxes, cand_scores, cand_labels, cand_valid = topk_candidates(scores, boxes, level_sizes, nms_pre=nms_pre,
+                                                                       score_thr=score_thr)
+    cand_boxes = clip_boxes(cand_boxes, image_size)  # elementwise: the same as clipping all A boxes first
+    valid = cand_valid & (box_area(cand_boxes) > 0)  # positive width and height
+    boxes, scores, labels, valid = batched_nms(cand_boxes, cand_scores, cand_labels, valid, iou_thr=iou_thr,
+                                               max_det=max_det, max_candidates=max_candidates)
+    return {"boxes": boxes, "scores": scores, "labels": labels, "valid": valid}

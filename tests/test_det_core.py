@@ -11,7 +11,8 @@ from det import anchors as A
 from det.assign import gather_gt, hard_negative_mask, max_iou_assign
 from det.boxes import box_iou, clip_boxes, decode_deltas, encode_deltas
 from det.losses import sigmoid_focal_loss
-from det.nms import batched_nms, topk_candidates
+from det.models.dense import predict_boxes
+from det.nms import batched_nms, select_and_nms, topk_candidates
 
 FIXTURE = json.loads((Path(__file__).parent / "data" / "mmdet_anchors.json").read_text())
 
@@ -201,6 +202,33 @@ def test_topk_candidates_per_level():
     assert cand_boxes[0, 1].tolist() == boxes[0, 1].tolist()
     _, _, _, low = topk_candidates(scores, boxes, [3, 1], nms_pre=3, score_thr=0.85)
     assert low.tolist() == [[True, False, False, False, False]]
+
+
+def test_select_and_nms_on_decoded_boxes():
+    """Boxes from any decoder (here: given directly, as a point head's): clipped, empty ones and low scores
+    dropped, same-class overlaps suppressed, other classes kept, sorted by score."""
+    boxes = torch.tensor([[[0.0, 0, 50, 50], [2, 2, 52, 52], [0, 0, 50, 50], [90, 10, 130, 40], [120, 5, 140, 30],
+                           [30, 30, 60, 60]]])  # [1, A=6, 4]; levels of 4 and 2 locations
+    scores = torch.zeros(1, 6, 2)
+    scores[0, :, 0] = torch.tensor([0.9, 0.8, 0.0, 0.7, 0.95, 0.01])  # 4: outside once clipped; 5: under score_thr
+    scores[0, 2, 1] = 0.6  # same box as 0, other class: kept
+    out = select_and_nms(boxes, scores, [4, 2], torch.tensor([[100, 110]]), nms_pre=4, score_thr=0.05, iou_thr=0.5,
+                         max_det=5)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"boxes": (1, 5, 4), "scores": (1, 5), "labels": (1, 5),
+                                                           "valid": (1, 5)}
+    n = int(out["valid"].sum())
+    assert out["scores"][0, :n].tolist() == pytest.approx([0.9, 0.7, 0.6])
+    assert out["labels"][0, :n].tolist() == [0, 0, 1]
+    assert out["boxes"][0, 1].tolist() == [90.0, 10.0, 110.0, 40.0]  # clipped to the 110 px width
+    g = torch.Generator().manual_seed(8)  # predict_boxes is decode + select_and_nms
+    anchors, deltas = random_boxes(g, (40,)), torch.randn(2, 40, 4, generator=g) * 0.2
+    probs, size = torch.rand(2, 40, 3, generator=g), torch.tensor([[60, 64], [50, 40]])
+    cfg = dict(nms_pre=20, score_thr=0.3, iou_thr=0.5, max_det=10)
+    want = select_and_nms(decode_deltas(anchors[None], deltas, stds=(0.1, 0.1, 0.2, 0.2)), probs, [30, 10], size,
+                          **cfg)
+    got = predict_boxes(probs, deltas, anchors, [30, 10], size, stds=(0.1, 0.1, 0.2, 0.2), **cfg)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
 
 
 def test_assignment_and_mining_compile_without_graph_breaks():

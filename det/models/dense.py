@@ -5,8 +5,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from det.boxes import box_area, clip_boxes, decode_deltas
-from det.nms import batched_nms, topk_candidates
+from det.boxes import decode_deltas
+from det.nms import select_and_nms
 
 
 def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -41,17 +41,12 @@ def predict_boxes(
     max_det: int,
     max_candidates: int = 1000,
 ) -> dict[str, Tensor]:
-    """mmdet's `predict_by_feat` for anchor heads, batched and static in shape.
+    """mmdet's `predict_by_feat` for anchor heads: deltas decoded on their anchors, then `select_and_nms`.
 
     scores [B, A, C] class probabilities (no background column), deltas [B, A, 4], anchors [A, 4],
-    image_size [B, 2] (h, w) to clip to. Per level the `nms_pre` best (anchor, class) pairs above `score_thr`,
-    decoded and clipped; zero-size boxes dropped (mmdet's min_bbox_size 0); class-wise NMS over the `max_candidates`
-    best of those; the `max_det` best.
+    image_size [B, 2] (h, w) to clip to; the rest as det/nms.py's select_and_nms.
     Returns {"boxes": [B, max_det, 4], "scores", "labels", "valid": [B, max_det]}.
     """
-    boxes = clip_boxes(decode_deltas(anchors[None], deltas, stds=stds), image_size)  # [B, A, 4]
-    cand = topk_candidates(scores, boxes, level_sizes, nms_pre=nms_pre, score_thr=score_thr)
-    valid = cand[3] & (box_area(cand[0]) > 0)  # positive width and height
-    boxes, scores, labels, valid = batched_nms(cand[0], cand[1], cand[2], valid, iou_thr=iou_thr, max_det=max_det,
-                                               max_candidates=max_candidates)
-    return {"boxes": boxes, "scores": scores, "labels": labels, "valid": valid}
+    boxes = decode_deltas(anchors[None], deltas, stds=stds)  # [B, A, 4]
+    return select_and_nms(boxes, scores, level_sizes, image_size, nms_pre=nms_pre, score_thr=score_thr,
+                          iou_thr=iou_thr, max_det=max_det, max_candidates=max_candidates)
