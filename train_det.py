@@ -98,7 +98,8 @@ def train_one_epoch(model, optimizer, scaler, loader, device, epoch: int, step: 
 
 @torch.no_grad()
 def evaluate(model, loader, device, args, header: str = "Test") -> dict[str, float]:
-    """COCO box AP over the whole validation set: every rank predicts its shard, rank 0 runs COCOeval."""
+    """COCO AP (of the recipe's iou_type) over the whole validation set: every rank predicts its shard, rank 0 runs
+    COCOeval."""
     model.eval()
     dataset = loader.dataset
     results = []
@@ -112,7 +113,9 @@ def evaluate(model, loader, device, args, header: str = "Test") -> dict[str, flo
         results += to_coco_results(out["boxes"], out["scores"], out["labels"], out["valid"], metas,
                                    dataset.label_to_cat)
     results = [r for part in all_gather_objects(results) for r in part]
-    stats = coco_evaluate(dataset.coco, results, Path(args.output_dir) / "coco_bbox.json") if is_main_process() else {}
+    iou_type = RECIPES[args.model]["iou_type"]
+    out_file = Path(args.output_dir) / f"coco_{iou_type}.json"
+    stats = coco_evaluate(dataset.coco, results, out_file, iou_type=iou_type) if is_main_process() else {}
     return all_gather_objects(stats)[0]  # every rank agrees on "best"
 
 
@@ -174,7 +177,7 @@ def main(args: argparse.Namespace) -> None:
         is_best = False
         if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs:
             stats = evaluate_and_log(run_eval, model, model_ema, args, epoch=epoch, step=step)
-            is_best, best = stats["AP"] > best, max(best, stats["AP"])
+            is_best, best = stats[recipe["metric"]] > best, max(best, stats[recipe["metric"]])
         state = ckpt.training_state(model=model_without_ddp, optimizer=optimizer, scaler=scaler, model_ema=model_ema,
                                     epoch=epoch + 1, step=step, best=best, args=args, device=device, extra=extra)
         ckpt.save_checkpoint(state, args.output_dir, is_best=is_best, keep=args.keep)

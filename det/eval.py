@@ -1,4 +1,5 @@
-"""COCO box evaluation: padded predictions back to file coordinates and category ids, then pycocotools' COCOeval."""
+"""COCO evaluation: padded predictions back to file coordinates and category ids, then pycocotools' COCOeval of
+boxes or masks."""
 import contextlib
 import io
 import json
@@ -40,10 +41,18 @@ def to_coco_results(
     return results
 
 
-def coco_evaluate(coco_gt: COCO, results: list[dict], out_file: Path | None = None) -> dict[str, float]:
-    """COCOeval "bbox" of `results` (from every rank: gathering is the caller's) against `coco_gt`; prints the standard
-    summary and returns its 12 numbers by name (STATS), also written as JSON to `out_file` when given. No detections
-    at all evaluate to 0. As in COCOeval, an area range without ground truth gives -1."""
+IOU_TYPES = ("bbox", "segm")  # COCOeval's overlap of a detection with a ground truth: boxes or masks
+
+
+def coco_evaluate(coco_gt: COCO, results: list[dict], out_file: Path | None = None, *,
+                  iou_type: str = "bbox") -> dict[str, float]:
+    """COCOeval of `results` (from every rank: gathering is the caller's) against `coco_gt` with IoU of boxes
+    (iou_type "bbox": results hold "bbox") or of masks ("segm": results hold an RLE "segmentation", the ground truth
+    polygons or RLE); prints the standard summary and returns its 12 numbers by name (STATS), also written as JSON to
+    `out_file` when given. No detections at all evaluate to 0. As in COCOeval, an area range without ground truth
+    gives -1."""
+    if iou_type not in IOU_TYPES:
+        raise ValueError(f"unknown iou_type {iou_type!r}: choose {', '.join(IOU_TYPES)}")
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools narrates every step; only the summary is printed
         if results:
             coco_dt = coco_gt.loadRes([dict(r) for r in results])  # copies: loadRes adds keys to its input
@@ -52,7 +61,7 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], out_file: Path | None = No
             coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
                                "annotations": []}
             coco_dt.createIndex()
-        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
     evaluator.summarize()

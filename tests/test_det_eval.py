@@ -1,6 +1,7 @@
 """det/eval.py: COCOeval against hand-computed AP, mapping back to file coordinates and category ids, edge cases."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from pycocotools.coco import COCO
@@ -94,3 +95,42 @@ def test_no_detections_score_zero(capsys):
     stats = coco_evaluate(gt, [])
     assert stats["AP"] == stats["AP50"] == stats["AR100"] == 0.0
     assert "Average Recall" in capsys.readouterr().out
+
+
+def test_segm_evaluates_masks_not_boxes():
+    """iou_type="segm": two detections with the same box as the ground truth, one of them with the gt's L-shaped
+    mask, the other with the missing corner filled: box AP would call both right; mask IoU 2400 / 3200 = 0.75
+    makes the second a miss at the thresholds above 0.75, so its AP50 is 1 and its AP over 0.50:0.95 about 0.6."""
+    from pycocotools import mask as mask_utils
+
+    gt = make_gt([(1, 100, 100)], [(1, 3, [10, 10, 40, 80])])
+    l_shape = [10, 10, 50, 10, 50, 50, 30, 50, 30, 90, 10, 90]  # 40 x 80 box minus its 20 x 40 bottom-right corner
+    gt.dataset["annotations"][0].update(segmentation=[l_shape], area=2400.0)
+    gt.createIndex()
+
+    def rle(fill_corner: bool) -> dict:
+        m = np.zeros((100, 100), dtype=np.uint8)
+        m[10:50, 10:50] = 1
+        m[50:90, 10:30] = 1
+        if fill_corner:
+            m[50:90, 30:50] = 1
+        return mask_utils.encode(np.asfortranarray(m))
+
+    for fill, ap in ((False, 1.0), (True, None)):
+        results = [{"image_id": 1, "category_id": 3, "segmentation": rle(fill), "score": 0.9}]
+        stats = coco_evaluate(gt, results, iou_type="segm")
+        assert stats["AP50"] == pytest.approx(1.0)
+        if ap is not None:
+            assert stats["AP"] == pytest.approx(ap)
+        else:
+            assert 0.4 < stats["AP"] <= 0.6  # right at 5 or 6 of the 10 IoU thresholds, not all
+    with pytest.raises(ValueError, match="unknown iou_type 'keypoints'"):
+        coco_evaluate(gt, [], iou_type="keypoints")
+
+
+def test_every_recipe_names_its_iou_type_and_best_metric():
+    from det.eval import IOU_TYPES
+    from det.models import RECIPES
+
+    for name, recipe in RECIPES.items():
+        assert recipe["iou_type"] in IOU_TYPES and recipe["metric"] in STATS, name

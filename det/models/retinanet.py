@@ -175,12 +175,12 @@ RECIPES = {
     # retinanet_r18_fpn_1xb8-1x_coco.py (the seed's retinanet_r18_fpn_1x8_1x_coco): 1 GPU x 8 images, LR 0.005
     "retinanet_r18": dict(preset="retinanet", img_size=800, batch_size=8, lr=0.005, lr_batch=8, momentum=0.9,
                           weight_decay=1e-4, epochs=12, schedule="multistep", lr_steps=(8, 11), warmup_iters=500,
-                          warmup_factor=0.001, repeat=1, clip_grad=None),
+                          warmup_factor=0.001, repeat=1, clip_grad=None, iou_type="bbox", metric="AP"),
     # retinanet_r50_fpn_amp-1x_coco.py (the seed's retinanet_r50_fpn_fp16_1x_coco): retinanet_r50_fpn_1x_coco.py
     # (8 GPUs x 2 images; it lowers schedule_1x's LR 0.02 to 0.01) trained with mixed precision (AmpOptimWrapper)
     "retinanet_r50": dict(preset="retinanet", img_size=800, batch_size=2, lr=0.01, lr_batch=16, momentum=0.9,
                           weight_decay=1e-4, epochs=12, schedule="multistep", lr_steps=(8, 11), warmup_iters=500,
-                          warmup_factor=0.001, repeat=1, clip_grad=None),
+                          warmup_factor=0.001, repeat=1, clip_grad=None, iou_type="bbox", metric="AP"),
 }
 
 

@@ -344,7 +344,7 @@ def _ssd_vgg(num_classes: int, input_size: int, neck_args: dict, strides: list[i
 # flip 0.5, PhotoMetricDistortion; images without objects or smaller than 32 px are dropped.
 _SSD_RECIPE = dict(preset="ssd", batch_size=8, lr=2e-3, lr_batch=64, momentum=0.9, weight_decay=5e-4, epochs=24,
                    schedule="multistep", lr_steps=(16, 22), warmup_iters=500, warmup_factor=0.001, repeat=5,
-                   clip_grad=None)
+                   clip_grad=None, iou_type="bbox", metric="AP")
 # min_img_size: the smallest canvas the layers accept (VGG's last unpadded 3x3 convs need a 3 px map), for --img-size
 RECIPES = {
     "ssd300": dict(_SSD_RECIPE, img_size=300, min_img_size=257),

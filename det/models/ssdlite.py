@@ -68,7 +68,8 @@ def load_backbone_weights(model: SSD, checkpoint: dict) -> dict[str, list[str]]:
 RECIPES = {
     "ssdlite_mobilenet_v2": dict(preset="ssd", img_size=320, min_img_size=40, batch_size=24, lr=0.015, lr_batch=192,
                                  momentum=0.9, weight_decay=4e-5, epochs=120, schedule="cosine", lr_steps=None,
-                                 warmup_iters=500, warmup_factor=0.001, repeat=5, clip_grad=None),
+                                 warmup_iters=500, warmup_factor=0.001, repeat=5, clip_grad=None,
+                                 iou_type="bbox", metric="AP"),
 }
 
 
