@@ -127,10 +127,3 @@ def test_segm_evaluates_masks_not_boxes():
     with pytest.raises(ValueError, match="unknown iou_type 'keypoints'"):
         coco_evaluate(gt, [], iou_type="keypoints")
 
-
-def test_every_recipe_names_its_iou_type_and_best_metric():
-    from det.eval import IOU_TYPES
-    from det.models import RECIPES
-
-    for name, recipe in RECIPES.items():
-        assert recipe["iou_type"] in IOU_TYPES and recipe["metric"] in STATS, name

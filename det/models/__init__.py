@@ -1,4 +1,15 @@
-"""Every detector by name: one plain dict from name to builder, the recipes beside them, checkpoint loading."""
+"""Every detector by name: one plain dict from name to builder, the recipes beside them, checkpoint loading.
+
+A family file (det/models/<family>.py: blocks, model class, builders at the bottom) provides, by name:
+- builders `<name>(num_classes=80) -> nn.Module`, listed in MODELS below; the model's forward takes
+  (images, targets) in training -> {"loss_*": scalar}, (images, image_size=None) in eval -> padded detections
+  {"boxes" [B, K, 4], "scores", "labels", "valid" [B, K]};
+- `RECIPES`: {name: dict(preset, img_size, batch_size, lr, ..., iou_type, metric)} for each of its builders;
+- `from_mmdet(state_dict) -> state_dict`: mmdet's parameter names onto ours (the identity where they agree);
+- `load_backbone_weights(model, checkpoint) -> {"missing", "unexpected", "shape_mismatch"}`: an ImageNet
+  classification checkpoint (ours, torchvision's or mmpretrain's) into the model's backbone.
+A new family adds its module to FAMILIES and its builders to MODELS; tests/test_det_models.py checks the protocol.
+"""
 import sys
 from types import ModuleType
 
@@ -7,6 +18,7 @@ from torch import nn
 
 from det.models import retinanet, ssd, ssdlite
 
+FAMILIES = (ssd, ssdlite, retinanet)
 MODELS = {
     "ssd300": ssd.ssd300,
     "ssd512": ssd.ssd512,
@@ -14,7 +26,7 @@ MODELS = {
     "retinanet_r18": retinanet.retinanet_r18,
     "retinanet_r50": retinanet.retinanet_r50,
 }
-RECIPES = {**ssd.RECIPES, **ssdlite.RECIPES, **retinanet.RECIPES}  # the mmdet configs' training recipes, by model name
+RECIPES = {name: recipe for f in FAMILIES for name, recipe in f.RECIPES.items()}  # the mmdet configs' recipes
 
 
 def build_model(name: str, num_classes: int = 80) -> nn.Module:
@@ -24,7 +36,7 @@ def build_model(name: str, num_classes: int = 80) -> nn.Module:
 
 
 def family(name: str) -> ModuleType:
-    """The model file that defines `name` (it knows its checkpoint names and backbone)."""
+    """The family file that defines `name`'s builder (it knows its checkpoint names and backbone)."""
     return sys.modules[MODELS[name].__module__]
 
 
@@ -35,13 +47,11 @@ def load_backbone_weights(name: str, model: nn.Module, checkpoint: dict) -> dict
 
 def to_our_names(name: str, checkpoint: dict) -> dict[str, torch.Tensor]:
     """The model state dict inside a checkpoint of ours ({"model": ...}), of mmdet ({"state_dict": ...}, renamed by
-    the family's `from_mmdet` where its names differ) or saved from a DistributedDataParallel wrapper."""
+    the family's `from_mmdet`) or saved from a DistributedDataParallel wrapper."""
     if "model" in checkpoint:
         state_dict = checkpoint["model"]
     elif "state_dict" in checkpoint:
-        state_dict = checkpoint["state_dict"]
-        if hasattr(family(name), "from_mmdet"):
-            state_dict = family(name).from_mmdet(state_dict)
+        state_dict = family(name).from_mmdet(checkpoint["state_dict"])
     else:
         state_dict = checkpoint
     return {k.removeprefix("module."): v for k, v in state_dict.items()}

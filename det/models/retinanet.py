@@ -161,6 +161,11 @@ class RetinaNet(nn.Module):
                              image_size_or_canvas(images, image_size), stds=BOX_STDS, **TEST_CFG)
 
 
+def from_mmdet(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An mmdet RetinaNet state dict onto our names: they are the same."""
+    return dict(state_dict)
+
+
 def load_backbone_weights(model: RetinaNet, checkpoint: dict) -> dict[str, list[str]]:
     """An ImageNet ResNet checkpoint (ours / torchvision / mmpretrain) into `model.backbone`; the classifier
     (`fc.*`) is reported unused. Returns load_model_weights' report."""
