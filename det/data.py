@@ -35,6 +35,10 @@ REQUIRED_FIELDS = {"images": ("id", "file_name", "width", "height"), "categories
                    "annotations": ("id", "image_id", "category_id", "bbox")}
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # JSON's NaN / Infinity are floats
+
+
 def load_coco(ann_file: Path) -> COCO:
     """pycocotools' index of a COCO annotation file, after checks whose errors name the file (pycocotools' do not)."""
     try:
@@ -57,9 +61,13 @@ def load_coco(ann_file: Path) -> COCO:
         if ann["category_id"] not in cat_ids:
             raise ValueError(f"{ann_file}: annotation {ann['id']} has category_id {ann['category_id']}, which is not "
                              f"in its 'categories' (ids {sorted(cat_ids)})")
-        if ann["image_id"] not in image_ids or len(ann["bbox"]) != 4:
-            raise ValueError(f"{ann_file}: annotation {ann['id']} has image_id {ann['image_id']} (not in 'images') "
-                             f"or a bbox that is not [x, y, w, h]: {ann['bbox']}")
+        if ann["image_id"] not in image_ids:
+            raise ValueError(f"{ann_file}: annotation {ann['id']} has image_id {ann['image_id']}, which is not in "
+                             "'images'")
+        bbox = ann["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            raise ValueError(f"{ann_file}: annotation {ann['id']} has a bbox that is not 4 numbers [x, y, w, h]: "
+                             f"{str(bbox)[:200]}")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # "creating index...", once per rank
@@ -87,6 +95,8 @@ class CocoDetection(Dataset):
     Category ids (COCO's have gaps: 80 classes in 1..90) become labels 0..C-1 in id order; `label_to_cat[label]` maps
     back, `classes[label]` is the name. Targets leave out crowd regions (iscrowd=1: COCOeval ignores detections on
     them) and boxes under 1 px wide or high once clipped to the image (mmdet's rule); images without objects stay.
+    A bbox holding NaN or an infinity (JSON allows both) is skipped, left out of the COCOeval ground truth too, and
+    counted in the summary line with its annotation ids: one broken entry of a large file should not stop training.
     Item: (uint8 tv_tensors.Image [3, h, w], {"boxes": BoundingBoxes [N, 4] xyxy, "labels": int64 [N]}, meta) after
     `transforms`, meta as in the module docstring.
     """
@@ -106,9 +116,13 @@ class CocoDetection(Dataset):
         self.ids = sorted(self.coco.imgs)
         self.landscape = [self.coco.imgs[i]["width"] >= self.coco.imgs[i]["height"] for i in self.ids]
         self.boxes, self.labels, crowd, dropped = [], [], 0, 0  # per image: float32 [N, 4] xyxy, int64 [N]
+        self.not_finite = []  # annotation ids whose bbox holds NaN or inf
         for image_id in self.ids:
             info, boxes, labels = self.coco.imgs[image_id], [], []
             for ann in self.coco.imgToAnns[image_id]:
+                if not all(math.isfinite(v) for v in ann["bbox"]):
+                    self.not_finite.append(ann["id"])
+                    continue
                 if ann.get("iscrowd", 0):
                     crowd += 1
                     continue
@@ -122,9 +136,19 @@ class CocoDetection(Dataset):
             self.boxes.append(np.array(boxes, dtype=np.float32).reshape(-1, 4))
             self.labels.append(np.array(labels, dtype=np.int64))
         self.dropped = dropped
+        if self.not_finite:  # COCOeval must not see them either: they would count as objects nobody can find
+            skip = set(self.not_finite)
+            self.coco.dataset["annotations"] = [a for a in self.coco.dataset["annotations"] if a["id"] not in skip]
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.coco.createIndex()
         empty = sum(len(labels) == 0 for labels in self.labels)
+        skipped = ""
+        if self.not_finite:
+            ids = ", ".join(map(str, self.not_finite[:5])) + (", ..." if len(self.not_finite) > 5 else "")
+            skipped = f"; skipped {len(self.not_finite)} boxes holding NaN or inf (annotation ids {ids})"
         print0(f"{self.ann_file}: {len(self.ids)} images ({empty} without objects), {len(self.classes)} classes, "
-               f"{sum(map(len, self.labels))} objects; left out {crowd} crowd regions and {dropped} boxes under 1 px")
+               f"{sum(map(len, self.labels))} objects; left out {crowd} crowd regions and {dropped} boxes under 1 px"
+               f"{skipped}")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -210,6 +234,8 @@ class GroupedBatchSampler(Sampler[list[int]]):
             yield from (buffer for buffer in buffers.values() if buffer)
 
     def __len__(self) -> int:
+        if self.num_groups == 0:  # no data: no batch (the formula below would say 1)
+            return 0
         if self.drop_last:
             return max(0, len(self.sampler) // self.batch_size - (self.num_groups - 1))
         counts = Counter(self.group_ids[i] for i in self.sampler)
@@ -278,6 +304,9 @@ def build_datasets(
     train = CocoDetection(data_path, "train", transforms.train_transforms(img_size), ann_file=train_ann,
                           img_dir=train_images)
     val = CocoDetection(data_path, "val", transforms.eval_transforms(img_size), ann_file=val_ann, img_dir=val_images)
+    for dataset, purpose in ((train, "train on"), (val, "evaluate")):
+        if len(dataset) == 0:
+            raise ValueError(f"{dataset.ann_file} lists no images: nothing to {purpose}")
     if val.label_to_cat != train.label_to_cat:
         raise ValueError(f"{train.ann_file} and {val.ann_file} have different categories")
     return train, val

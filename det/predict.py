@@ -3,12 +3,15 @@
   python -m det.predict --weights output/det/best.pth street.jpg dog.jpg --out predictions/
 
 The checkpoint (written by train_det.py) names its model, canvas and classes, so no data set is needed.
+A picture that is missing or unreadable gets one line on stderr and the rest are still done; the exit status is
+then 1. Inputs with the same name from different folders (a/x.jpg, b/x.jpg) are drawn to x.png, x_1.png, ...
 """
 import argparse
+import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
@@ -40,6 +43,32 @@ def detect(model: torch.nn.Module, image: Image.Image, *, preset: str, img_size:
     identity = list(range(num_classes))  # keep contiguous labels as the "category ids"
     results = to_coco_results(out["boxes"], out["scores"], out["labels"], out["valid"], metas, identity)
     return [{"bbox": r["bbox"], "score": r["score"], "label": r["category_id"]} for r in results]
+
+
+def read_picture(path: Path) -> Image.Image:
+    """The picture at `path`, decoded; a ValueError that names the file and says why when it cannot be."""
+    if not path.exists():
+        raise ValueError(f"{path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a picture")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, not halfway through drawing
+            return image.copy()
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} is not a picture PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for corrupt or truncated files
+        raise ValueError(f"cannot read {path}: {e}") from e
+
+
+def unique_stem(stem: str, taken: set[str]) -> str:
+    """`stem`, or `stem_1`, `stem_2`, ... when an earlier input already took it; the result joins `taken`."""
+    name, k = stem, 0
+    while name in taken:
+        k += 1
+        name = f"{stem}_{k}"
+    taken.add(name)
+    return name
 
 
 def draw(image: Image.Image, detections: list[dict], classes: list[str]) -> Image.Image:
@@ -82,16 +111,27 @@ def main() -> None:
     model.to(device).eval()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    taken, failed = set(), []
     for path in map(Path, args.images):
-        with Image.open(path) as image:
-            found = detect(model, image, preset=RECIPES[name]["preset"], img_size=img_size, num_classes=len(classes),
-                           device=device)
-            detections = [d for d in found if d["score"] >= args.score_thr]
-            draw(image, detections, classes).save(out_dir / f"{path.stem}.png")
-        print(f"{path}: {len(detections)} detection(s) -> {out_dir / (path.stem + '.png')}")
+        try:
+            image = read_picture(path)
+        except ValueError as e:
+            print(f"error: {e}; skipped", file=sys.stderr)
+            failed.append(path)
+            continue
+        found = detect(model, image, preset=RECIPES[name]["preset"], img_size=img_size, num_classes=len(classes),
+                       device=device)
+        detections = [d for d in found if d["score"] >= args.score_thr]
+        out_file = out_dir / f"{unique_stem(path.stem, taken)}.png"
+        draw(image, detections, classes).save(out_file)
+        print(f"{path}: {len(detections)} detection(s) -> {out_file}")
         for det in detections:
             x, y, w, h = det["bbox"]
             print(f"  {classes[det['label']]:<12} {det['score']:.3f}  [{x:.1f}, {y:.1f}, {x + w:.1f}, {y + h:.1f}]")
+    if failed:
+        print(f"error: {len(failed)} of {len(args.images)} picture(s) could not be read: "
+              f"{', '.join(map(str, failed))}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
