@@ -12,6 +12,7 @@ from det import data
 from det.models import build_model
 from tests.scripts import run_script
 
+
 def write_split(root: Path, split: str, images: list[tuple[int, int, int]], annotations: list[dict]) -> Path:
     """A COCO split under root: images (id, width, height) as grey jpgs, annotations as given (ids 1, 2, ...)."""
     (root / "annotations").mkdir(parents=True, exist_ok=True)
@@ -25,7 +26,9 @@ def write_split(root: Path, split: str, images: list[tuple[int, int, int]], anno
     ann_file.write_text(json.dumps(coco))  # json writes float("nan") as NaN, as other tools do
     return ann_file
 
+
 ONE_IMAGE = ([(1, 64, 48)], [{"image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20]}])
+
 
 @pytest.mark.parametrize("empty", ["train", "val"])
 def test_a_split_without_images_is_an_error_naming_the_file(tmp_path, empty):
@@ -34,10 +37,12 @@ def test_a_split_without_images_is_an_error_naming_the_file(tmp_path, empty):
     with pytest.raises(ValueError, match=rf"instances_{empty}2017.json lists no images: nothing to "):
         data.build_datasets(str(tmp_path), "ssd", 64)
 
+
 def test_no_data_makes_no_batch():
     for drop_last in (True, False):
         batches = data.GroupedBatchSampler([], [], batch_size=4, drop_last=drop_last)
         assert len(batches) == 0 and list(batches) == []
+
 
 def test_boxes_holding_nan_or_inf_are_skipped_and_counted(tmp_path, capsys):
     write_split(tmp_path, "train", [(1, 64, 48), (2, 64, 48)], [
@@ -54,12 +59,14 @@ def test_boxes_holding_nan_or_inf_are_skipped_and_counted(tmp_path, capsys):
     assert torch.isfinite(target["boxes"]).all()
     assert sorted(dataset.coco.anns) == [1]  # COCOeval's ground truth leaves them out too
 
+
 @pytest.mark.parametrize("bbox", [["1", "2", "3", "4"], [1, 2, 3], 7, [1, 2, True, 4], None])
 def test_a_bbox_that_is_not_four_numbers_is_an_error_naming_the_file_and_annotation(tmp_path, bbox):
     write_split(tmp_path, "train", [(1, 64, 48)], [{"image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20]},
                                                    {"image_id": 1, "category_id": 1, "bbox": bbox}])
     with pytest.raises(ValueError, match=r"instances_train2017.json: annotation 2 has a bbox that is not 4 numbers"):
         data.CocoDetection(tmp_path, "train")
+
 
 def test_predict_reports_bad_pictures_goes_on_and_keeps_same_named_ones(tmp_path):
     torch.manual_seed(0)
@@ -81,6 +88,7 @@ def test_predict_reports_bad_pictures_goes_on_and_keeps_same_named_ones(tmp_path
     assert f"{inputs[0]}: 0 detection(s) -> {tmp_path / 'pictures' / 'x.png'}" in out.stdout
     assert f"{inputs[3]}: 0 detection(s) -> {tmp_path / 'pictures' / 'x_1.png'}" in out.stdout
     assert sorted(p.name for p in (tmp_path / "pictures").iterdir()) == ["x.png", "x_1.png"]
+
 
 def test_unique_stems():
     from det.predict import unique_stem
