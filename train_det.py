@@ -5,8 +5,10 @@
   torchrun --nproc_per_node 8 train_det.py --model ssd300 --device npu --data-path /data/coco
 
 Every model brings its recipe from the mmdet config the seed names (RECIPES in det/models/<family>.py): canvas,
-batch per device, base LR and the global batch it is for (scaled linearly to yours), momentum, weight decay, epochs,
-LR drops, 500 warmup iterations, data-set repeats. A flag overrides the recipe's value. With no --data-path a
+batch per device, base LR and the global batch it is for (--blr / --lr-batch, scaled linearly to yours unless --lr
+gives the LR itself), momentum, weight decay, epochs, LR drops, warmup, data-set repeats. A flag overrides the
+recipe's value; `--model M --help` shows M's. SIGTERM or Ctrl-C finishes the step, writes OUTPUT_DIR/last.pth and
+exits 0; --resume auto continues exactly there. With no --data-path a
 synthetic COCO-layout set (coloured shapes, 10 classes) is written once to $PLAINVISION_CACHE or ~/.cache/plainvision.
 """
 import argparse
@@ -18,21 +20,34 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from common import checkpoint as ckpt
+from common import cli
 from common.cli import HelpFormatter, add_runtime_args, setup_runtime
 from common.device import autocast, grad_scaler
 from common.dist import all_gather_objects, cleanup, is_main_process, print0, stop_if_not_finite
 from common.logger import log_every, new_meters
-from common.loop import evaluate_and_log, optimizer_step, wrap_model
+from common.loop import (
+    after_optimizer_step,
+    evaluate_and_log,
+    optimizer_step,
+    stop_requested,
+    stopped_message,
+    wrap_model,
+)
 from common.optim import build_optimizer, epoch_schedule
+from common.sampling import set_epoch
 from det import data
 from det.eval import coco_evaluate, to_coco_results
 from det.models import MODELS, RECIPES, build_model, load_backbone_weights, to_our_names
 
-RECIPE_KEYS = ("img_size", "batch_size", "lr", "lr_batch", "momentum", "weight_decay", "epochs", "schedule",
-               "lr_steps", "warmup_iters", "warmup_factor", "repeat", "clip_grad")
+# recipe key -> flag destination: the recipe's values are the flags' defaults (and what --help shows)
+RECIPE_FLAGS = {"img_size": "img_size", "batch_size": "batch_size", "lr": "blr", "lr_batch": "lr_batch",
+                "momentum": "momentum", "weight_decay": "weight_decay", "epochs": "epochs", "schedule": "lr_scheduler",
+                "lr_steps": "lr_steps", "warmup_iters": "warmup_iters", "warmup_factor": "warmup_factor",
+                "repeat": "repeat", "clip_grad": "clip_grad"}
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser(model: str = "ssd300") -> argparse.ArgumentParser:
+    """The flags, with `model`'s recipe as the defaults of the recipe group (`parse_args` picks the model first)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="ssd300", choices=MODELS, metavar="MODEL", help=f"one of: {', '.join(MODELS)}")
     p.add_argument("--data-path", help="COCO folder (annotations/instances_*2017.json, *2017/); omit: synthetic set")
@@ -40,43 +55,62 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-ann", help="validation annotation file (default: ..._val2017.json)")
     p.add_argument("--train-images", help="training image folder (default: DATA/train2017)")
     p.add_argument("--val-images", help="validation image folder (default: DATA/val2017)")
-    p.add_argument("--synthetic-size", type=int, default=2000, help="training images of the synthetic set (val: 1/4)")
+    p.add_argument("--synthetic-size", type=cli.positive_int, default=2000,
+                   help="training images of the synthetic set (val: 1/4)")
     p.add_argument("--backbone-weights", help="ImageNet classification checkpoint for the backbone (ours, "
                    "torchvision's or mmpretrain's): real detection training starts there")
-    p.add_argument("--max-gt", type=int, help="objects per image the targets are padded to (default: per batch, "
-                   "the smallest of 32, 64, 128, ... that fits); an image with more is an error")
-    g = p.add_argument_group("recipe overrides (default: the model's mmdet recipe)")
-    g.add_argument("--img-size", type=int, help="canvas: SSD's square side / RetinaNet's short side (1333:800 long)")
-    g.add_argument("--batch-size", type=int, help="images per device per step")
-    g.add_argument("--epochs", type=int, help="passes over the (repeated) training set")
-    g.add_argument("--lr", type=float, help="base LR for --lr-batch images per step; scaled to the global batch")
-    g.add_argument("--lr-batch", type=int, help="the global batch --lr is for")
+    p.add_argument("--max-gt", type=cli.positive_int, help="objects per image the targets are padded to (default: per "
+                   "batch, the smallest of 32, 64, 128, ... that fits); an image with more is an error")
+    g = p.add_argument_group(f"recipe (defaults: {model}'s mmdet recipe; run --model M --help for another's)")
+    g.add_argument("--img-size", type=cli.positive_int, help="canvas: SSD's square side / RetinaNet's short side "
+                   "(1333:800 long)")
+    g.add_argument("-b", "--batch-size", type=cli.positive_int, help="images per device per step")
+    g.add_argument("--epochs", type=cli.positive_int, help="passes over the (repeated) training set")
+    g.add_argument("--lr", type=cli.positive_float, help="the learning rate, as given (default: --blr x global batch / "
+                   "--lr-batch, linear scaling)")
+    g.add_argument("--blr", type=cli.positive_float, help="the recipe's LR for --lr-batch images per step")
+    g.add_argument("--lr-batch", type=cli.positive_int, help="the global batch --blr is for")
     g.add_argument("--opt", default="sgd", choices=["sgd", "adamw"],
                    help="the recipes' SGD; AdamW (--lr ~3e-4) learns faster in short runs from weak backbones")
-    g.add_argument("--momentum", type=float)
-    g.add_argument("--weight-decay", "--wd", type=float, help="weight decay (never on norm layers and biases)")
-    g.add_argument("--schedule", choices=["multistep", "cosine"])
-    g.add_argument("--lr-steps", type=int, nargs="+", help="multistep: epochs where the LR drops x0.1")
-    g.add_argument("--warmup-iters", type=int, help="linear warmup iterations")
-    g.add_argument("--warmup-factor", type=float, help="LR factor at the first warmup iteration")
-    g.add_argument("--repeat", type=int, help="passes over the data set per epoch (mmdet's RepeatDataset)")
-    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this (0: off)")
-    g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--momentum", type=cli.non_negative_float, help="SGD momentum")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=cli.non_negative_float,
+                   help="weight decay (never on norm layers and biases)")
+    g.add_argument("--lr-scheduler", "--schedule", choices=["multistep", "cosine"],
+                   help="multistep: x0.1 at each of --lr-steps; cosine: down to 0 at the end")
+    g.add_argument("--lr-steps", type=cli.positive_int, nargs="+", help="multistep: epochs where the LR drops x0.1")
+    g.add_argument("--warmup-iters", type=cli.non_negative_int, help="linear warmup iterations")
+    g.add_argument("--lr-warmup-epochs", type=cli.non_negative_int,
+                   help="warmup over this many epochs instead of --warmup-iters")
+    g.add_argument("--warmup-factor", type=cli.non_negative_float, help="LR factor at the first warmup iteration")
+    g.add_argument("--repeat", type=cli.positive_int, help="passes over the data set per epoch (mmdet's RepeatDataset)")
+    g.add_argument("--clip-grad", type=cli.non_negative_float, help="clip the gradient norm to this (None, 0: off)")
+    g.add_argument("--accum-steps", type=cli.positive_int, default=1, help="micro-batches per optimizer step")
+    p.set_defaults(**{flag: RECIPES[model][key] for key, flag in RECIPE_FLAGS.items()})
     add_runtime_args(p, output_dir="output/det")
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """--model first, then every flag with that model's recipe as defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default="ssd300")
+    model = pre.parse_known_args(argv)[0].model
+    return get_args_parser(model if model in MODELS else "ssd300").parse_args(argv)
+
+
 def train_one_epoch(model, optimizer, scaler, loader, device, epoch: int, step: int, lr_of, args,
-                    model_ema=None) -> int:
-    """One pass over `loader` (the data set `repeat` times); returns the global optimizer step reached."""
+                    model_ema=None, *, start_batch: int = 0, save) -> tuple[int, bool]:
+    """One pass over `loader` (the data set `repeat` times) from batch `start_batch` (a run resumed mid-epoch);
+    returns (the global optimizer step reached, whether a stop signal ended the epoch early). `save(epoch=, batch=,
+    step=)` writes a mid-epoch checkpoint when after_optimizer_step asks for one."""
     model.train()
     meters, finite = new_meters(), torch.ones((), dtype=torch.bool, device=device)
     optimizer.zero_grad(set_to_none=True)
     ddp = isinstance(model, DistributedDataParallel)
     batches = log_every(loader, meters, print_freq=args.print_freq, header=f"Epoch [{epoch}]", device=device,
                         images_per_iter=args.batch_size * args.world_size, log_file=args.log_file,
-                        tags={"mode": "train", "epoch": epoch})
-    for i, (images, targets, _) in enumerate(batches):
+                        tags={"mode": "train", "epoch": epoch}, start=start_batch)
+    for i, (images, targets, _) in enumerate(batches, start=start_batch):
         images = images.to(device, non_blocking=True).contiguous(memory_format=args.memory_format)
         targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
         boundary = (i + 1) % args.accum_steps == 0
@@ -86,14 +120,17 @@ def train_one_epoch(model, optimizer, scaler, loader, device, epoch: int, step: 
             loss = sum(losses.values())
             scaler.scale(loss / args.accum_steps).backward()
         finite &= torch.isfinite(loss)
-        if boundary:
-            step = optimizer_step(model, optimizer, scaler, model_ema, step=step, lr=lr_of(step), args=args)
         for name, value in losses.items():
             meters[name].append(value.detach())
         meters["lr"].append(optimizer.param_groups[0]["lr"])
-        if (i + 1) % args.print_freq == 0 or i + 1 == len(loader):  # the host syncs here anyway, to print
+        if boundary:
+            step = optimizer_step(model, optimizer, scaler, model_ema, step=step, lr=lr_of(step), args=args)
+            if after_optimizer_step(finite, epoch=epoch, batch=i + 1, step=step, args=args, save=save):
+                return step, True
+        if (i + 1) % args.print_freq == 0:  # the host syncs here anyway, to print
             stop_if_not_finite(finite, epoch, step, args.output_dir)
-    return step
+    stop_if_not_finite(finite, epoch, step, args.output_dir)  # before the epoch's checkpoint is written
+    return step, False
 
 
 @torch.no_grad()
@@ -121,17 +158,17 @@ def evaluate(model, loader, device, args, header: str = "Test") -> dict[str, flo
 
 def main(args: argparse.Namespace) -> None:
     recipe = RECIPES[args.model]
-    for key in RECIPE_KEYS:  # flags override the recipe
-        if getattr(args, key) is None:
-            setattr(args, key, recipe[key])
     if args.img_size < recipe.get("min_img_size", 1):
         raise SystemExit(f"error: {args.model}'s layers need --img-size {recipe['min_img_size']} or more")
     device, rank = setup_runtime(args)
 
-    train_set, val_set = data.build_datasets(
-        args.data_path, recipe["preset"], args.img_size, synthetic_train=args.synthetic_size,
-        synthetic_val=max(args.synthetic_size // 4, 8), train_ann=args.train_ann, val_ann=args.val_ann,
-        train_images=args.train_images, val_images=args.val_images)
+    try:
+        train_set, val_set = data.build_datasets(
+            args.data_path, recipe["preset"], args.img_size, synthetic_train=args.synthetic_size,
+            synthetic_val=max(args.synthetic_size // 4, 8), train_ann=args.train_ann, val_ann=args.val_ann,
+            train_images=args.train_images, val_images=args.val_images)
+    except (FileNotFoundError, ValueError) as e:  # their messages name the file and the annotation
+        raise SystemExit(f"error: {e}") from None
     if args.repeat > 1:
         train_set = data.RepeatDataset(train_set, args.repeat)
     train_loader, val_loader = data.build_loaders(
@@ -143,25 +180,33 @@ def main(args: argparse.Namespace) -> None:
     if args.backbone_weights:
         load_backbone_weights(args.model, model, ckpt.load_checkpoint(args.backbone_weights))
     if args.weights:
-        ckpt.load_model_weights(model, to_our_names(args.model, ckpt.load_checkpoint(args.weights)))
+        weights = ckpt.load_checkpoint(args.weights)
+        ckpt.load_model_weights(model, to_our_names(args.model, weights), source=args.weights,
+                                holds=ckpt.describe(weights))
     model, model_without_ddp, model_ema = wrap_model(model, args, device)
 
     global_batch = args.batch_size * args.world_size * args.accum_steps
-    lr = args.lr * global_batch / args.lr_batch
-    print0(f"{args.model}: canvas {args.img_size}, LR {args.lr} for {args.lr_batch} images x global batch "
-           f"{global_batch} / {args.lr_batch} = {lr:g}")
-    optimizer = build_optimizer(args.opt, model_without_ddp, lr, args.momentum, args.weight_decay)
+    if args.lr is None:
+        args.lr = args.blr * global_batch / args.lr_batch
+        print0(f"{args.model}: canvas {args.img_size}, LR {args.lr:g} = --blr {args.blr} for {args.lr_batch} images "
+               f"x global batch {global_batch} / {args.lr_batch} (linear scaling; --lr sets the LR itself)")
+    else:
+        print0(f"{args.model}: canvas {args.img_size}, LR {args.lr:g} (--lr, as given), global batch {global_batch}")
+    optimizer = build_optimizer(args.opt, model_without_ddp, args.lr, args.momentum, args.weight_decay)
     scaler = grad_scaler(device, args.amp)
     steps_per_epoch = len(train_loader) // args.accum_steps
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(train_set)} training images make no full step of {global_batch} images")
-    lr_of = epoch_schedule(base_lr=lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch, schedule=args.schedule,
-                           lr_steps=args.lr_steps or (), warmup_steps=args.warmup_iters,
+    if args.lr_warmup_epochs is not None:
+        args.warmup_iters = args.lr_warmup_epochs * steps_per_epoch
+    lr_of = epoch_schedule(base_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
+                           schedule=args.lr_scheduler, lr_steps=args.lr_steps or (), warmup_steps=args.warmup_iters,
                            warmup_factor=args.warmup_factor)
 
-    start_epoch, step, best = ckpt.restore_training_state(
+    resumed = ckpt.restore_training_state(
         args.resume, args.output_dir, model=model_without_ddp, optimizer=optimizer, scaler=scaler,
-        model_ema=model_ema, rank=rank, world_size=args.world_size, device=device)
+        model_ema=model_ema, rank=rank, world_size=args.world_size, device=device, identity={"model": args.model})
+    step, best = resumed["step"], resumed["best_metric"]
 
     run_eval = partial(evaluate, loader=val_loader, device=device, args=args)
     if args.test_only:
@@ -171,19 +216,33 @@ def main(args: argparse.Namespace) -> None:
 
     extra = {"model": args.model, "img_size": args.img_size, "classes": val_set.classes,
              "label_to_cat": val_set.label_to_cat}
-    for epoch in range(start_epoch, args.epochs):
-        train_loader.batch_sampler.set_epoch(epoch)
-        step = train_one_epoch(model, optimizer, scaler, train_loader, device, epoch, step, lr_of, args, model_ema)
+
+    def save(*, epoch: int, batch: int, step: int, is_best: bool = False) -> None:
+        state = ckpt.training_state(model=model_without_ddp, optimizer=optimizer, scaler=scaler, model_ema=model_ema,
+                                    epoch=epoch, batch=batch, step=step, best=best, args=args, device=device,
+                                    extra=extra)
+        ckpt.save_checkpoint(state, args.output_dir, is_best=is_best, keep=args.keep)
+
+    for epoch in range(resumed["epoch"], args.epochs):
+        start = resumed["batch"] if epoch == resumed["epoch"] else 0
+        set_epoch(train_loader, epoch, start)
+        step, stopped = train_one_epoch(model, optimizer, scaler, train_loader, device, epoch, step, lr_of, args,
+                                        model_ema, start_batch=start, save=save)
+        if stopped:
+            print0(stopped_message(args, step))
+            break
         is_best = False
         if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs:
             stats = evaluate_and_log(run_eval, model, model_ema, args, epoch=epoch, step=step)
             is_best, best = stats[recipe["metric"]] > best, max(best, stats[recipe["metric"]])
-        state = ckpt.training_state(model=model_without_ddp, optimizer=optimizer, scaler=scaler, model_ema=model_ema,
-                                    epoch=epoch + 1, step=step, best=best, args=args, device=device, extra=extra)
-        ckpt.save_checkpoint(state, args.output_dir, is_best=is_best, keep=args.keep)
-    print0(f"done: best box AP {best:.3f}; checkpoints in {args.output_dir}")
+        save(epoch=epoch + 1, batch=0, step=step, is_best=is_best)
+        if stop_requested():  # the signal came during evaluation: the epoch's checkpoint is written
+            print0(stopped_message(args, step))
+            break
+    else:
+        print0(f"done: best {recipe['iou_type']} {recipe['metric']} {best:.3f}; checkpoints in {args.output_dir}")
     cleanup()
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_args())

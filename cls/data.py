@@ -1,15 +1,15 @@
 """Classification data: ImageNet-layout folders or the built-in synthetic set, transforms v2 presets, loaders."""
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 
 from cls.models.efficientnet import INPUT_SIZES
+from common.sampling import ResumableBatches, SeededDataset
 from common.synthetic import classification_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -178,36 +178,35 @@ def build_datasets(
     return train, val, train.classes
 
 
-def _mix_collate(mix: v2.Transform, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
-    return mix(*torch.utils.data.default_collate(batch))
-
-
-def mixup_cutmix(num_classes: int, mixup_alpha: float, cutmix_alpha: float):
-    """A collate_fn applying MixUp or CutMix (one of them per batch, at random) to the stacked batch, or None.
-    Targets become class probabilities [B, num_classes]."""
+def mixup_cutmix(num_classes: int, mixup_alpha: float, cutmix_alpha: float) -> v2.Transform | None:
+    """MixUp or CutMix (one of them per batch, at random) for a stacked batch `(images, labels)`, or None. Applied
+    by the training loop to the batch on the device, drawing from the global generator that checkpoints restore
+    (in a collate_fn it would draw from the loader worker's, which a mid-epoch resume cannot replay). Targets become
+    class probabilities [B, num_classes]."""
     mixers = []
     if mixup_alpha > 0:
         mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
     if cutmix_alpha > 0:
         mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-    return partial(_mix_collate, v2.RandomChoice(mixers)) if mixers else None
+    return v2.RandomChoice(mixers) if mixers else None
 
 
 def build_loaders(
     train: Dataset, val: Dataset, *, batch_size: int, workers: int, rank: int, world_size: int, seed: int,
-    pin_memory: bool = False, collate_fn=None,
+    pin_memory: bool = False,
 ) -> tuple[DataLoader, DataLoader]:
-    """Training batches shuffled per epoch by (seed, epoch) (call `sampler.set_epoch`), last partial batch dropped
-    so every step has the same shape; validation split into disjoint strided shards, so each image is counted
+    """Training batches shuffled per epoch by (seed, epoch), last partial batch dropped so every step has the same
+    shape, each image augmented from generators seeded by (seed, epoch, index) (common/sampling.py): call
+    `common.sampling.set_epoch(train_loader, epoch, start_batch)`, and a run resumed at any batch sees exactly the
+    batches an uninterrupted run would. Validation split into disjoint strided shards, so each image is counted
     exactly once over all ranks (no padding duplicates); its batches drop unreadable images and are None when none
-    is left (`drop_unreadable`). Workers are not persistent: each epoch's workers are
-    seeded from the global RNG, which a checkpoint restores, so a resumed run augments exactly as an
-    uninterrupted one."""
+    is left (`drop_unreadable`). Both loaders have generators of their own: loading (or evaluating) never moves the
+    global RNG that training draws from."""
     sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     common = dict(num_workers=workers, pin_memory=pin_memory)
-    train_loader = DataLoader(train, batch_size, sampler=sampler, drop_last=True, collate_fn=collate_fn, **common)
+    batches = ResumableBatches(BatchSampler(sampler, batch_size, drop_last=True))
+    train_loader = DataLoader(SeededDataset(train, seed), batch_sampler=batches, generator=torch.Generator(), **common)
     shard = Subset(val, range(rank, len(val), world_size))
-    # its own generator: evaluating (or not) must not move the global RNG that training draws from
-    val_loader = DataLoader(shard, batch_size, shuffle=False, generator=torch.Generator(), collate_fn=drop_unreadable,
+    val_loader = DataLoader(shard, batch_size, shuffle=False, collate_fn=drop_unreadable, generator=torch.Generator(),
                             **common)
     return train_loader, val_loader

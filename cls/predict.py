@@ -20,7 +20,8 @@ from common.checkpoint import load_checkpoint
 from common.device import resolve_device
 
 
-def _top_classes(model: torch.nn.Module, images: torch.Tensor, classes: list[str], k: int) -> list[list[tuple[str, float]]]:
+def _top_classes(model: torch.nn.Module, images: torch.Tensor, classes: list[str],
+                 k: int) -> list[list[tuple[str, float]]]:
     """Per image of `images` [B, 3, H, W] (normalised, on the model's device): its k likeliest
     [(class name, probability), ...], most likely first."""
     with torch.no_grad():

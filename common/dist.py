@@ -1,20 +1,36 @@
 """Distributed training from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and nothing else."""
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from common.device import dist_backend
 
+_HOST_GROUP: list = []  # a gloo group over the same ranks, for flags that live on the host (see `any_rank`)
+
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join the process group torchrun describes, with the device's backend; return (rank, world_size).
 
     A plain `python train_*.py` (no WORLD_SIZE) runs as rank 0 of 1 without a process group.
+
+    Under `torchrun --max-restarts`, the workers share the agent's TCPStore (TORCHELASTIC_USE_AGENT_STORE), which
+    outlives a failed attempt with its keys: a restarted rank could read the dead attempt's gloo/NCCL addresses
+    and die with "connectFullMesh failed ... Connection refused" (pytorch/pytorch#135712; torch 2.14 rebuilds the
+    shared store only at the first rendezvous). Each attempt therefore gets keys of its own, under a prefix named
+    by TORCHELASTIC_RESTART_COUNT, which all workers of one torchrun agree on.
     """
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=dist_backend(device))
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store, rank, world_size = next(dist.rendezvous("env://"))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend=dist_backend(device), store=dist.PrefixStore(f"attempt_{attempt}", store),
+                                    rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group(backend=dist_backend(device))
+        _HOST_GROUP.append(dist.new_group(backend="gloo") if dist_backend(device) != "gloo" else None)
     return get_rank(), world_size
 
 
@@ -44,12 +60,23 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any: a host-side all-reduce (gloo), so the device is not synced."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor(int(flag))
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_HOST_GROUP[0] if _HOST_GROUP else None)
+    return bool(value)
+
+
 def stop_if_not_finite(finite: torch.Tensor, epoch: int, step: int, output_dir: str) -> None:
-    """Stop every rank together once any rank saw a non-finite loss (`finite` is a running bool tensor, checked
-    only where the loop syncs anyway); nothing is saved, so OUTPUT_DIR/last.pth stays the last good checkpoint."""
+    """Stop every rank together once any rank saw a non-finite loss (`finite` is a running bool tensor). The loop
+    calls it where it syncs anyway (log lines) and before anything is saved, so no checkpoint ever holds NaN."""
     if all_reduce_sum((~finite).float()) > 0:
+        last = Path(output_dir) / "last.pth"
         raise SystemExit(f"error: the loss became non-finite in epoch {epoch} (near step {step}); stopping "
-                         f"without saving. The last good checkpoint is {output_dir}/last.pth")
+                         "without saving. " + (f"The last good checkpoint is {last}" if last.exists() else
+                                               "No checkpoint was written before it (lower --lr?)"))
 
 
 def all_gather_objects(obj: object) -> list:
@@ -69,6 +96,7 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+        _HOST_GROUP.clear()
 
 
 def bind_cores() -> list[int]:

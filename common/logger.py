@@ -45,8 +45,10 @@ def log_every(
     log_file: Path | None = None,
     tags: dict | None = None,
     window: int = 20,
+    start: int = 0,
 ) -> Iterator:
     """Yield the items of `iterable`, printing progress every `print_freq` iterations and at the last one.
+    `start`: the iterations already done before this call (a run resumed mid-epoch); `len(iterable)` is the total.
 
     A line shows each meter's median over the last `window` values and (in brackets) its mean so far, the
     iteration and data-loading times averaged since the last line, images/s over all ranks, ETA and peak memory.
@@ -54,7 +56,7 @@ def log_every(
     total = len(iterable)
     last_print = end = time.perf_counter()
     data_time, since_print = 0.0, 0
-    for i, item in enumerate(iterable):
+    for i, item in enumerate(iterable, start=start):
         data_time += time.perf_counter() - end
         yield item
         since_print += 1

@@ -1,12 +1,14 @@
 """Pieces of the training loop that classification and detection share, kept as plain functions."""
 import argparse
+import os
+import signal
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from common.dist import print0
+from common.dist import any_rank, print0, stop_if_not_finite
 from common.logger import write_json
 from common.optim import apply_gradients, ema_model
 
@@ -47,3 +49,44 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
     if model_ema is not None and step % args.ema_steps == 0:
         model_ema.update_parameters(model.module if isinstance(model, DistributedDataParallel) else model)
     return step
+
+
+_STOP: list[str] = []  # the name of the signal that asked the run to stop, once one has
+
+
+def _request_stop(signum: int, frame) -> None:
+    if not _STOP:
+        _STOP.append(signal.Signals(signum).name)
+        os.write(2, f"{_STOP[0]}: finishing this step, then saving a checkpoint and stopping\n".encode())
+    if signum == signal.SIGINT:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
+
+
+def install_stop_handlers() -> None:
+    """SIGTERM (what cluster schedulers send before they kill a job) and SIGINT (Ctrl-C) let the current step finish;
+    the loop then writes a checkpoint and the script exits 0 (`stop_requested`). Installed before the data loaders
+    start their workers, which inherit it: they keep serving the last batches instead of dying with the signal."""
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
+
+
+def stop_requested() -> str | None:
+    """The signal's name once any rank received SIGTERM or SIGINT (every rank gets the same answer), else None."""
+    return _STOP[0] if any_rank(bool(_STOP)) else None
+
+
+def after_optimizer_step(finite: torch.Tensor, *, epoch: int, batch: int, step: int, args: argparse.Namespace,
+                         save: Callable[..., None]) -> bool:
+    """Called after each optimizer step: with a stop signal, or every --save-every steps, check the loss is finite
+    and `save(epoch=, batch=, step=)` a mid-epoch checkpoint (`batch`: the epoch's batches trained so far). Returns
+    True when the run must stop now."""
+    stop = stop_requested()
+    if stop or (args.save_every and step % args.save_every == 0):
+        stop_if_not_finite(finite, epoch, step, args.output_dir)
+        save(epoch=epoch, batch=batch, step=step)
+    return stop is not None
+
+
+def stopped_message(args: argparse.Namespace, step: int) -> str:
+    return (f"stopped by {_STOP[0] if _STOP else 'a signal'} after step {step}: {args.output_dir}/last.pth holds it; "
+            "the same command with --resume auto continues exactly there")

@@ -28,6 +28,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from common.dist import barrier, is_main_process, print0
+from common.sampling import ResumableBatches, SeededDataset
 from det.presets import MEAN_COLOR, get_preset
 from det.synthetic_coco import default_cache, synthetic_coco
 
@@ -250,12 +251,13 @@ def build_loaders(
     train: CocoDetection, val: CocoDetection, *, preset: str, img_size: int, batch_size: int, workers: int, rank: int,
     world_size: int, seed: int, max_gt: int | None, pin_memory: bool = False,
 ) -> tuple[DataLoader, DataLoader]:
-    """Training batches shuffled per epoch by (seed, epoch): call `train_loader.batch_sampler.set_epoch(epoch)`.
-    Validation split into disjoint strided shards, so each image is evaluated exactly once over all ranks, and
-    padded per batch (its targets never reach the model: COCOeval reads the json). Batches are grouped by orientation
-    when the preset's canvas depends on it (retinanet), not for ssd (mmdet's configs do the same). Workers are not
-    persistent: each epoch's are seeded from the global RNG, which a checkpoint restores, so a resumed run augments as
-    an uninterrupted one; validation has its own generator, so evaluating never moves the global RNG."""
+    """Training batches shuffled per epoch by (seed, epoch), each image augmented from generators seeded by (seed,
+    epoch, index) (common/sampling.py): call `common.sampling.set_epoch(train_loader, epoch, start_batch)`, and a run
+    resumed at any batch sees exactly the batches an uninterrupted run would. Validation split into disjoint strided
+    shards, so each image is evaluated exactly once over all ranks, and padded per batch (its targets never reach the
+    model: COCOeval reads the json). Batches are grouped by orientation when the preset's canvas depends on it
+    (retinanet), not for ssd (mmdet's configs do the same). Both loaders have generators of their own: loading (or
+    evaluating) never moves the global RNG that training draws from."""
     canvas_size = get_preset(preset).canvas_size
     by_orientation = canvas_size(img_size, True) != canvas_size(img_size, False)
 
@@ -264,7 +266,8 @@ def build_loaders(
 
     sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     common = dict(num_workers=workers, pin_memory=pin_memory)
-    train_loader = DataLoader(train, batch_sampler=GroupedBatchSampler(sampler, groups(train), batch_size, True),
+    batches = ResumableBatches(GroupedBatchSampler(sampler, groups(train), batch_size, True))
+    train_loader = DataLoader(SeededDataset(train, seed), batch_sampler=batches, generator=torch.Generator(),
                               collate_fn=partial(collate, max_gt=max_gt, preset=preset, img_size=img_size), **common)
     shard = GroupedBatchSampler(range(rank, len(val), world_size), groups(val), batch_size, drop_last=False)
     val_loader = DataLoader(val, batch_sampler=shard, generator=torch.Generator(),

@@ -10,6 +10,6 @@ def synthetic_resnet18(tmp_path_factory):
     training starts from ImageNet weights."""
     out = tmp_path_factory.mktemp("synthetic_resnet18")
     run_script("train_cls.py", "--arch", "resnet18", "--device", "cpu", "--epochs", "6", "--synthetic-size", "2000",
-               "--batch-size", "32", "--lr", "0.4", "--lr-scheduler", "cosine", "--warmup-epochs", "1",
+               "--batch-size", "32", "--blr", "0.4", "--lr-scheduler", "cosine", "--warmup-epochs", "1",
                "--workers", "1", "--print-freq", "50", "--output-dir", str(out))
     return out

@@ -11,8 +11,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from cls import data
-from cls.convert import to_our_names
-from cls.models import MODELS, TORCHVISION_TWINS, build_model
+from common.sampling import set_epoch
 
 
 def write_png16(path: Path, pixels: np.ndarray, color_type: int) -> None:
@@ -96,8 +95,8 @@ def test_presets(auto_augment):
 
 def test_mixup_cutmix_gives_probability_targets():
     assert data.mixup_cutmix(10, 0.0, 0.0) is None
-    collate = data.mixup_cutmix(10, 0.2, 1.0)
-    images, targets = collate([(torch.rand(3, 8, 8), i) for i in range(4)])
+    mix = data.mixup_cutmix(10, 0.2, 1.0)
+    images, targets = mix(torch.rand(4, 3, 8, 8), torch.arange(4))  # a stacked batch, as the training loop has it
     assert images.shape == (4, 3, 8, 8) and targets.shape == (4, 10)
     torch.testing.assert_close(targets.sum(1), torch.ones(4))
 
@@ -135,7 +134,8 @@ def test_unreadable_validation_image_is_dropped_and_counted_once(tmp_path, batch
     batches = list(loader)
     # batch 1 holds broken.png alone: nothing left, so None (evaluate skips it); other sizes just shrink one batch
     assert [b is None for b in batches].count(True) == (batch_size == 1)
-    seen = [(int(image[0, 0, 0]), int(target)) for b in batches if b is not None for image, target in zip(*b)]
+    seen = [(int(image[0, 0, 0]), int(target))
+            for b in batches if b is not None for image, target in zip(*b, strict=True)]
     assert sorted(seen) == [(red, red // 30) for red in readable]  # every readable image once, with its label
     assert data.skipped_images(loader.dataset) == 1  # counted in the workers' shared slots
     assert data.skipped_images(data.SyntheticShapes(4, seed=0)) == 0
@@ -150,29 +150,40 @@ def test_drop_unreadable_collate():
 def test_training_order_depends_on_seed_and_epoch_only():
     dataset = data.SyntheticShapes(12, seed=0)
     train, _ = data.build_loaders(dataset, dataset, batch_size=4, workers=0, rank=0, world_size=1, seed=3)
-    train.sampler.set_epoch(1)
-    order = list(train.sampler)
+    set_epoch(train, 1)
+    order = list(train.batch_sampler)
     torch.manual_seed(123)  # the global RNG plays no part
-    assert list(train.sampler) == order
-    train.sampler.set_epoch(2)
-    assert list(train.sampler) != order
+    assert list(train.batch_sampler) == order
+    set_epoch(train, 2)
+    assert list(train.batch_sampler) != order
     assert len(train) == 3  # drop_last: every step has the same shape
 
 
-def test_models_dict_covers_the_zoo():
-    seed_zoo = {"resnet50", "resnext50_32x4d", "hrnet_w18", "resnetv1d152", "seresnet50", "vgg11",
-                "shufflenet_v2_x1_0", "mobilenet_v2", "mobilenet_v3_small", "cspresnext50", "efficientnet_b4",
-                "densenet121"}
-    assert seed_zoo <= set(MODELS) and set(TORCHVISION_TWINS) <= set(MODELS)
-    with pytest.raises(ValueError, match="unknown architecture 'resnet9'.*resnet18, resnet34"):
-        build_model("resnet9")
+class NoisyShapes(data.SyntheticShapes):
+    """Synthetic images plus augmentation noise drawn from the global torch and numpy generators, as transforms do."""
+
+    def __getitem__(self, index):
+        image, label = super().__getitem__(index)
+        return v2.functional.pil_to_tensor(image).float() + torch.rand(1) + float(np.random.rand()), label
 
 
-def test_to_our_names_accepts_every_format():
-    model = build_model("resnet18", num_classes=10)
-    sd = model.state_dict()
-    for checkpoint in (sd, {"model": sd}, {f"module.{k}": v for k, v in sd.items()}):
-        assert to_our_names("resnet18", checkpoint).keys() == sd.keys()
-    mm = {"state_dict": {**{f"backbone.{k}": v for k, v in sd.items() if not k.startswith("fc.")},
-                         "head.fc.weight": sd["fc.weight"], "head.fc.bias": sd["fc.bias"]}}
-    assert to_our_names("resnet18", mm).keys() == sd.keys()
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_epoch_sees_the_same_batches(workers):
+    """Starting an epoch at batch k gives exactly batches k.. of the whole epoch, augmentation included, whatever the
+    worker count; loading leaves the caller's generators alone."""
+    train, _ = data.build_loaders(NoisyShapes(16, seed=0), NoisyShapes(4, seed=1), batch_size=4, workers=workers,
+                                  rank=0, world_size=1, seed=5)
+    set_epoch(train, 2)
+    torch.manual_seed(0)
+    whole = list(train)
+    after_loading = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after_loading, torch.rand(1))  # the global generator did not move
+    set_epoch(train, 2, start=1)
+    assert len(train) == 4  # the whole epoch's length, wherever it starts
+    resumed = list(train)
+    assert len(resumed) == 3
+    for (a, la), (b, lb) in zip(whole[1:], resumed, strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    set_epoch(train, 3)
+    assert not torch.equal(list(train)[0][0], whole[0][0])  # another epoch, other batches and noise

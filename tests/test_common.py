@@ -1,7 +1,10 @@
 """common/: checkpoints (atomic, keep-N, RNG round trip, weight reports), the LR schedule, optimizer groups, logging."""
+import argparse
 import json
 import math
+import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -38,6 +41,92 @@ def test_best_and_keep(tmp_path):
     assert ckpt.load_checkpoint(tmp_path / "last.pth")["epoch"] == 4
 
 
+@pytest.mark.parametrize("killed_at", [0, 1, 2])
+def test_a_kill_during_any_write_leaves_every_file_loadable(tmp_path, killed_at):
+    """A child process saves an improved epoch 2 (best.pth, epoch_0002.pth, last.pth: three writes) and dies with
+    os._exit (as under kill -9: no cleanup) half-way through write number `killed_at`. Every visible *.pth still
+    loads; whenever last.pth says epoch 2 is the best, best.pth holds epoch 2 (or a resume repeats epoch 2 and
+    writes it); the torn temporary file is what remove_stale_temp_files clears at the next start."""
+    ckpt.save_checkpoint({"epoch": 1, "best_metric": 0.1}, tmp_path, is_best=True, keep=5)
+    pid = os.fork()
+    if pid == 0:  # the child: torch.save writes half a zip, then the process is gone
+        writes = []
+
+        def torn_save(obj, f):
+            if len(writes) == killed_at:
+                f.write(b"PK\x03\x04 half a checkpoint")
+                f.flush()
+                os._exit(9)
+            writes.append(obj)
+            real_save(obj, f)
+
+        real_save = torch.save
+        torch.save = torn_save
+        ckpt.save_checkpoint({"epoch": 2, "best_metric": 0.2}, tmp_path, is_best=True, keep=5)
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] >> 8 == 9
+    states = {p.name: ckpt.load_checkpoint(p) for p in tmp_path.glob("*.pth")}  # loads, or SystemExit fails here
+    assert states["last.pth"]["epoch"] == 1  # last.pth is written last: the kill came before it
+    assert states["best.pth"]["epoch"] == (2 if killed_at > 0 else 1)
+    stale = ckpt.remove_stale_temp_files(tmp_path)
+    assert len(stale) == 1 and not stale[0].exists() and not list(tmp_path.glob(".*"))
+
+
+def test_unreadable_checkpoints_get_one_sentence(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"model": {"w": torch.ones(1000)}}, good)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "truncated.pth").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    torch.save({"optimizer": torch.optim.SGD}, tmp_path / "code.pth")  # pickled code: weights_only refuses it
+    expected = {"empty.pth": "is empty", "truncated.pth": "truncated or not a PyTorch checkpoint",
+                "notes.pth": "truncated or not a PyTorch checkpoint", "code.pth": "truncated or not a PyTorch"}
+    for name, says in expected.items():
+        with pytest.raises(SystemExit, match=says) as e:
+            ckpt.load_checkpoint(tmp_path / name)
+        assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match="is a folder, not a file"):
+        ckpt.load_checkpoint(tmp_path)
+
+
+def restore(path, model, identity):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return ckpt.restore_training_state(str(path), path.parent, model=model, optimizer=optimizer,
+                                       scaler=torch.amp.GradScaler("cpu", enabled=False), model_ema=None, rank=0,
+                                       world_size=1, device=torch.device("cpu"), identity=identity)
+
+
+def test_resume_refuses_another_model_in_one_sentence(tmp_path):
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = ckpt.training_state(model=model, optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                                model_ema=None, epoch=1, batch=3, step=7, best=0.5, args=argparse.Namespace(),
+                                extra={"arch": "resnet50"}, device=torch.device("cpu"))
+    torch.save(state, tmp_path / "last.pth")
+    with pytest.raises(SystemExit, match="this checkpoint is for resnet50, not resnet18"):
+        restore(tmp_path / "last.pth", nn.Linear(4, 2), {"arch": "resnet18"})
+    with pytest.raises(SystemExit, match="do not fit this model"):
+        restore(tmp_path / "last.pth", nn.Linear(4, 3), {"arch": "resnet50"})
+    assert restore(tmp_path / "last.pth", nn.Linear(4, 2), {"arch": "resnet50"}) == {
+        "epoch": 1, "batch": 3, "step": 7, "best_metric": 0.5}
+    torch.save({"model": model.state_dict()}, tmp_path / "weights.pth")
+    with pytest.raises(SystemExit, match="not a training checkpoint.*--weights"):
+        restore(tmp_path / "weights.pth", nn.Linear(4, 2), {"arch": "resnet50"})
+
+
+def test_weights_of_another_model_are_refused():
+    from cls.models import resnet
+
+    with torch.device("meta"):
+        other = resnet.resnet50().state_dict()
+    says = r"r50\.pth does not fit this model: \d+% .* are unknown to it; it is a checkpoint of resnet50"
+    with pytest.raises(SystemExit, match=says):
+        ckpt.load_model_weights(resnet.resnet18(), other, source="r50.pth",
+                                holds=ckpt.describe({"model": other, "extra": {"arch": "resnet50"}}))
+    assert ckpt.describe({"state_dict": {"backbone.conv1.weight": 0, "neck.x": 0}}) == \
+        "it holds 2 entries under backbone.*, neck.*"
+
+
 def test_rng_round_trip_through_a_weights_only_file(tmp_path):
     cpu = torch.device("cpu")
     torch.save({"rng": ckpt.rng_state(cpu)}, tmp_path / "r.pth")
@@ -56,8 +145,8 @@ def test_resume_path(tmp_path):
 
 
 def test_load_model_weights_reports_differences(capsys):
-    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
-    source = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 10)).state_dict()
+    model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 3))  # the matching first layer holds most of the values
+    source = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 10)).state_dict()
     source["extra.weight"] = torch.zeros(1)
     del source["0.bias"]
     report = ckpt.load_model_weights(model, source)
@@ -119,3 +208,31 @@ def test_log_every_prints_and_writes_json(tmp_path, capsys):
     assert [r["iter"] for r in records] == [2, 4, 5]
     assert records[-1]["loss_avg"] == pytest.approx(2.0) and records[-1]["loss"] == pytest.approx(2.0)
     assert records[-1]["epoch"] == 0 and math.isfinite(records[-1]["img_s"])
+
+
+@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--batch-size", "0"], ["-b", "-2"], ["--lr", "nan"],
+                                   ["--lr", "inf"], ["--lr", "-0.1"], ["--device", "npu:abc"], ["--device", "cpu:abc"],
+                                   ["--device", "tpu"], ["--workers", "-1"], ["--print-freq", "0"]])
+@pytest.mark.parametrize("script", ["train_cls", "train_det"])
+def test_bad_flags_are_argparse_errors(script, flags, capsys):
+    module = __import__(script)
+    parse = module.parse_args if script == "train_det" else module.get_args_parser().parse_args
+    with pytest.raises(SystemExit) as e:
+        parse(flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"error: argument (\S+/)?{flags[0]}[/:]", err), err
+
+
+def test_train_det_help_shows_the_chosen_recipe(capsys):
+    import train_det
+
+    with pytest.raises(SystemExit):
+        train_det.parse_args(["--model", "retinanet_r18", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "retinanet_r18's mmdet recipe" in text and "--blr BLR the recipe's LR for --lr-batch images per step " \
+        "(default: 0.005)" in text and "(default: 800)" in text
+    args = train_det.parse_args(["--model", "ssd300", "--lr", "0.02", "-b", "4", "--wd", "1e-3"])
+    assert (args.blr, args.lr, args.batch_size, args.weight_decay, args.img_size) == (2e-3, 0.02, 4, 1e-3, 300)
+    assert train_det.parse_args(["--model", "ssd300", "--lr-scheduler", "cosine"]).lr_scheduler == "cosine"
+    assert train_det.parse_args(["--schedule", "cosine"]).lr_scheduler == "cosine"  # the old name still works
