@@ -18,6 +18,7 @@ from cls.models import build_model
 from cls.models.efficientnet import ADVPROP_MEAN, ADVPROP_STD
 from common.checkpoint import load_checkpoint
 from common.device import resolve_device
+from common.images import to_rgb
 
 
 def _top_classes(model: torch.nn.Module, images: torch.Tensor, classes: list[str],
@@ -66,7 +67,7 @@ def main() -> None:
     for path in map(Path, args.images):
         try:
             with Image.open(path) as image:
-                pixels = transform(data.to_rgb(image))  # [3, H, W]
+                pixels = transform(to_rgb(image))  # [3, H, W]
         except (OSError, SyntaxError, ValueError) as e:  # missing, corrupt or truncated: what PIL raises
             print(f"error: cannot read image {path}: {e}", file=sys.stderr)
             failed += 1

@@ -79,7 +79,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     recipe = RECIPES[args.model]
-    height, width = get_preset(recipe["preset"]).canvas_size(args.img_size or recipe["img_size"], True)
+    height, width = get_preset(recipe["preset"])["canvas_size"](args.img_size or recipe["img_size"], True)
     images, targets = random_batch(args.batch_size, height, width, args.num_gt, args.num_classes, device)
     tv_targets = [{"boxes": b, "labels": lab + (args.model == "ssd300")}  # SSD: label 0 is torchvision's background
                   for b, lab in zip(targets["boxes"], targets["labels"], strict=True)]

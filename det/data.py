@@ -28,6 +28,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from common.dist import barrier, is_main_process, print0
+from common.images import to_rgb
 from common.sampling import ResumableBatches, SeededDataset
 from det.presets import MEAN_COLOR, get_preset
 from det.synthetic_coco import default_cache, synthetic_coco
@@ -77,10 +78,11 @@ def load_coco(ann_file: Path) -> COCO:
 
 
 def read_image(path: Path, width: int, height: int) -> tv_tensors.Image:
-    """uint8 [3, H, W]; errors name the file. No EXIF rotation: COCO's boxes refer to the stored pixels."""
+    """uint8 [3, H, W] (any file mode, through `common.images.to_rgb`); errors name the file. No EXIF rotation: COCO's
+    boxes refer to the stored pixels."""
     try:
         with Image.open(path) as f:
-            image = f.convert("RGB")
+            image = to_rgb(f)  # 16-bit grayscale scaled, not clipped white
     except FileNotFoundError:
         raise FileNotFoundError(f"image file {path} does not exist") from None
     except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for corrupt or truncated files
@@ -178,7 +180,7 @@ def collate(batch: Sequence[tuple], *, max_gt: int | None, preset: str,
     orientations apart."""
     images, targets, metas = zip(*batch, strict=True)
     landscape = metas[0]["orig_size"][1] >= metas[0]["orig_size"][0]
-    height, width = get_preset(preset).canvas_size(img_size, landscape)
+    height, width = get_preset(preset)["canvas_size"](img_size, landscape)
     counts = [len(t["labels"]) for t in targets]
     if max_gt is None:  # 32, 64, 128, ...: a few shapes over a run, as mmdet's Ascend heads pad
         max_gt = 32
@@ -258,7 +260,7 @@ def build_loaders(
     model: COCOeval reads the json). Batches are grouped by orientation when the preset's canvas depends on it
     (retinanet), not for ssd (mmdet's configs do the same). Both loaders have generators of their own: loading (or
     evaluating) never moves the global RNG that training draws from."""
-    canvas_size = get_preset(preset).canvas_size
+    canvas_size = get_preset(preset)["canvas_size"]
     by_orientation = canvas_size(img_size, True) != canvas_size(img_size, False)
 
     def groups(dataset: CocoDetection) -> list[int]:
@@ -304,9 +306,9 @@ def build_datasets(
             synthetic_coco(data_path, synthetic_train, synthetic_val)
         barrier()
     transforms = get_preset(preset)
-    train = CocoDetection(data_path, "train", transforms.train_transforms(img_size), ann_file=train_ann,
+    train = CocoDetection(data_path, "train", transforms["train_transforms"](img_size), ann_file=train_ann,
                           img_dir=train_images)
-    val = CocoDetection(data_path, "val", transforms.eval_transforms(img_size), ann_file=val_ann, img_dir=val_images)
+    val = CocoDetection(data_path, "val", transforms["eval_transforms"](img_size), ann_file=val_ann, img_dir=val_images)
     for dataset, purpose in ((train, "train on"), (val, "evaluate")):
         if len(dataset) == 0:
             raise ValueError(f"{dataset.ann_file} lists no images: nothing to {purpose}")

@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import functional as F
 
 from common.checkpoint import load_checkpoint
 from common.device import resolve_device
+from common.images import to_rgb
 from det import data
 from det.eval import to_coco_results
 from det.models import RECIPES, build_model
@@ -29,10 +30,10 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 def detect(model: torch.nn.Module, image: Image.Image, *, preset: str, img_size: int, num_classes: int,
            device: torch.device) -> list[dict]:
     """Detections of one picture in its own pixel coordinates: [{"bbox": [x, y, w, h], "score", "label"}, ...]."""
-    pixels = tv_tensors.Image(F.pil_to_tensor(image.convert("RGB")))
+    pixels = tv_tensors.Image(F.pil_to_tensor(to_rgb(image)))
     no_boxes = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=pixels.shape[-2:]),
                 "labels": torch.zeros(0, dtype=torch.int64)}
-    pixels, _ = get_preset(preset).eval_transforms(img_size)(pixels, no_boxes)
+    pixels, _ = get_preset(preset)["eval_transforms"](img_size)(pixels, no_boxes)
     h0, w0 = image.height, image.width
     meta = {"image_id": 0, "file_name": "", "orig_size": (h0, w0),
             "scale": (pixels.shape[-2] / h0, pixels.shape[-1] / w0)}
@@ -73,7 +74,7 @@ def unique_stem(stem: str, taken: set[str]) -> str:
 
 def draw(image: Image.Image, detections: list[dict], classes: list[str]) -> Image.Image:
     """The picture with one coloured rectangle and a "name score" tag per detection."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     canvas = ImageDraw.Draw(image)
     for det in sorted(detections, key=lambda d: d["score"]):  # the best tag is drawn last, on top
         x, y, w, h = det["bbox"]

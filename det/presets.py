@@ -1,24 +1,16 @@
 """Data presets: how a detector family's images reach its canvas, as plain functions per preset.
 
-A preset is three functions (`Preset`): the canvas (H, W) a batch lies on, the training transforms and the
-evaluation transforms, all in torchvision transforms v2 (boxes follow the image). `PRESETS` maps a recipe's
-"preset" name to them; a new family (YOLO, CenterNet, SOLO) adds its three functions and one entry.
+A preset is three functions, in a plain dict: "canvas_size" (img_size, landscape) -> (H, W) of the canvas a batch
+lies on, "train_transforms" img_size -> the training transforms and "eval_transforms" img_size -> the evaluation
+transforms of (image, {"boxes", "labels"}), in torchvision transforms v2 (boxes follow the image). `PRESETS` maps a
+recipe's "preset" name to them; a new family (YOLO, CenterNet, SOLO) adds its three functions and one entry.
 """
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 MEAN_COLOR = (124, 116, 104)  # mmdet's pixel mean (123.675, 116.28, 103.53), rounded: a pad normalises to ~0
-
-
-@dataclass(frozen=True)
-class Preset:
-    canvas_size: Callable[[int, bool], tuple[int, int]]  # (img_size, landscape) -> (H, W) of a batch's canvas
-    train_transforms: Callable[[int], v2.Compose]  # img_size -> transforms of (image, {"boxes", "labels"})
-    eval_transforms: Callable[[int], v2.Compose]
 
 
 # ssd (configs/ssd/ssd300_coco.py): every image resized onto the whole square canvas.
@@ -76,12 +68,14 @@ def retinanet_eval_transforms(img_size: int) -> v2.Compose:
 
 
 PRESETS = {
-    "ssd": Preset(ssd_canvas_size, ssd_train_transforms, ssd_eval_transforms),
-    "retinanet": Preset(retinanet_canvas_size, retinanet_train_transforms, retinanet_eval_transforms),
+    "ssd": {"canvas_size": ssd_canvas_size, "train_transforms": ssd_train_transforms,
+            "eval_transforms": ssd_eval_transforms},
+    "retinanet": {"canvas_size": retinanet_canvas_size, "train_transforms": retinanet_train_transforms,
+                  "eval_transforms": retinanet_eval_transforms},
 }
 
 
-def get_preset(name: str) -> Preset:
+def get_preset(name: str) -> dict:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose {', '.join(PRESETS)}")
     return PRESETS[name]

@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from cls import data
+from common.images import to_rgb
 from common.sampling import set_epoch
 
 
@@ -40,30 +41,30 @@ def test_to_rgb_scales_16_bit_gray(tmp_path, mode):
         image = Image.open(tmp_path / "gray16.png")
     assert image.mode == mode or (mode == "I;16B" and image.mode == "I;16")  # PIL reads big-endian back as I;16
     assert image.convert("RGB").getpixel((3, 0)) == (255, 255, 255)  # the bug: PIL clips
-    rgb = data.to_rgb(image)
+    rgb = to_rgb(image)
     assert rgb.mode == "RGB" and np.asarray(rgb).tolist() == [[[v] * 3 for v in GRADIENT8]]
 
 
 def test_to_rgb_clips_wide_integers_and_scales_floats():
     wide = Image.fromarray(np.array([[-5, 70000, 257]], dtype=np.int32))
-    assert np.asarray(data.to_rgb(wide))[0, :, 0].tolist() == [0, 255, 1]
+    assert np.asarray(to_rgb(wide))[0, :, 0].tolist() == [0, 255, 1]
     floats = Image.fromarray(np.array([[0.0, 0.5, 1.0, 2.0, -1.0, np.nan]], dtype=np.float32))
-    assert floats.mode == "F" and np.asarray(data.to_rgb(floats))[0].tolist() == [[v] * 3 for v in
+    assert floats.mode == "F" and np.asarray(to_rgb(floats))[0].tolist() == [[v] * 3 for v in
                                                                                     [0, 128, 255, 255, 0, 0]]
 
 
 def test_to_rgb_leaves_8_bit_modes_as_convert_did(tmp_path):
     rgb = Image.fromarray(np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3) * 4)
     for image in (rgb, rgb.convert("P"), rgb.convert("LA"), rgb.convert("L"), rgb.convert("RGBA"), rgb.convert("1")):
-        assert data.to_rgb(image).tobytes() == image.convert("RGB").tobytes(), image.mode
+        assert to_rgb(image).tobytes() == image.convert("RGB").tobytes(), image.mode
     # 16-bit gray + alpha and 16-bit colour: PIL itself reads them at 8 bits (RGBA / RGB), with the right values
     gray_alpha = np.stack([GRADIENT16, np.full_like(GRADIENT16, 65535)], axis=-1)  # [1, 7, 2]
     write_png16(tmp_path / "la16.png", gray_alpha, color_type=4)
     with Image.open(tmp_path / "la16.png") as image:
-        assert np.asarray(data.to_rgb(image))[0, [0, 3, 6]].tolist() == [[0] * 3, [128] * 3, [255] * 3]
+        assert np.asarray(to_rgb(image))[0, [0, 3, 6]].tolist() == [[0] * 3, [128] * 3, [255] * 3]
     write_png16(tmp_path / "rgb16.png", np.array([[[0, 32896, 65535]]], dtype=np.uint16), color_type=2)
     with Image.open(tmp_path / "rgb16.png") as image:
-        assert data.to_rgb(image).getpixel((0, 0)) == (0, 128, 255)
+        assert to_rgb(image).getpixel((0, 0)) == (0, 128, 255)
 
 
 def test_synthetic_set_is_deterministic_and_balanced():

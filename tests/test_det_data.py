@@ -153,13 +153,13 @@ def test_canvas_sizes():
 
 @pytest.mark.parametrize("preset,img_size", [("ssd", 96), ("retinanet", 96)])
 def test_train_augmentation_keeps_boxes_on_the_canvas(synthetic, preset, img_size, one_thread):
-    dataset = data.CocoDetection(synthetic, "train", presets.get_preset(preset).train_transforms(img_size))
+    dataset = data.CocoDetection(synthetic, "train", presets.get_preset(preset)["train_transforms"](img_size))
     torch.manual_seed(0)
     objects = 0
     for index in list(range(len(dataset))) * 3:
         image, target, _ = dataset[index]
         h, w = image.shape[-2:]
-        height, width = presets.get_preset(preset).canvas_size(img_size, landscape=w >= h)
+        height, width = presets.get_preset(preset)["canvas_size"](img_size, landscape=w >= h)
         assert image.dtype == torch.uint8 and h <= height and w <= width
         boxes = target["boxes"]
         assert boxes.dtype == torch.float32 and len(boxes) == len(target["labels"])
@@ -179,7 +179,7 @@ def test_labels_follow_their_boxes(preset, one_thread):
     image = torch.tensor(presets.MEAN_COLOR, dtype=torch.uint8).view(3, 1, 1).repeat(1, 120, 160)
     for (x1, y1, x2, y2), color in zip(rects.int().tolist(), palette, strict=True):
         image[:, y1:y2, x1:x2] = color.view(3, 1, 1)
-    transform = v2.Compose([t for t in presets.get_preset(preset).train_transforms(128).transforms
+    transform = v2.Compose([t for t in presets.get_preset(preset)["train_transforms"](128).transforms
                             if not isinstance(t, v2.RandomPhotometricDistort)])
     torch.manual_seed(0)
     checked = 0
@@ -198,12 +198,12 @@ def test_labels_follow_their_boxes(preset, one_thread):
 
 @pytest.mark.parametrize("preset,img_size", [("ssd", 96), ("retinanet", 64)])
 def test_collate_pads_to_the_canvas(synthetic, preset, img_size):
-    dataset = data.CocoDetection(synthetic, "val", presets.get_preset(preset).eval_transforms(img_size))
+    dataset = data.CocoDetection(synthetic, "val", presets.get_preset(preset)["eval_transforms"](img_size))
     for landscape in (True, False):
         indices = [i for i, flag in enumerate(dataset.landscape) if flag == landscape][:4]
         images, targets, metas = data.collate([dataset[i] for i in indices], max_gt=None, preset=preset,
                                               img_size=img_size)
-        height, width = presets.get_preset(preset).canvas_size(img_size, landscape)
+        height, width = presets.get_preset(preset)["canvas_size"](img_size, landscape)
         assert images.shape == (len(indices), 3, height, width) and images.dtype == torch.uint8
         assert targets["boxes"].shape == (len(indices), 32, 4) and targets["boxes"].dtype == torch.float32
         assert targets["labels"].dtype == torch.int64 and targets["valid"].dtype == torch.bool
@@ -276,8 +276,8 @@ def test_grouped_batches_keep_orientations_apart():
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_validation_shards_cover_each_image_once(synthetic, world_size):
-    train = data.CocoDetection(synthetic, "train", presets.get_preset("retinanet").train_transforms(64))
-    val = data.CocoDetection(synthetic, "val", presets.get_preset("retinanet").eval_transforms(64))
+    train = data.CocoDetection(synthetic, "train", presets.get_preset("retinanet")["train_transforms"](64))
+    val = data.CocoDetection(synthetic, "val", presets.get_preset("retinanet")["eval_transforms"](64))
     seen = []
     for rank in range(world_size):
         train_loader, val_loader = data.build_loaders(
@@ -291,3 +291,14 @@ def test_validation_shards_cover_each_image_once(synthetic, world_size):
     state = torch.random.get_rng_state()
     sum(len(m) for _, _, m in val_loader)  # a whole evaluation pass...
     assert torch.equal(torch.random.get_rng_state(), state)  # ...leaves the global RNG where it was
+
+
+def test_16_bit_pictures_are_scaled_not_clipped(tmp_path):
+    """A 16-bit grayscale PNG (mode I;16) reaches the detector at 8 bits scaled (common.images.to_rgb), not as
+    PIL's convert("RGB") gives it, clipped almost white."""
+    gray = np.array([[0, 32896, 65535]], dtype=np.uint16)
+    Image.fromarray(gray).save(tmp_path / "depth.png")
+    with Image.open(tmp_path / "depth.png") as f:
+        assert f.mode.startswith("I")
+    pixels = data.read_image(tmp_path / "depth.png", width=3, height=1)
+    assert pixels.dtype == torch.uint8 and pixels[:, 0].tolist() == [[0, 128, 255]] * 3
