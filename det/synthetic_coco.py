@@ -5,11 +5,14 @@ import json
 import math
 import os
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from common.dist import print0
 from common.synthetic import SHAPES, class_color, draw_polygon, shape_polygon, textured_background
 
 SYNTHETIC_CAT_IDS = (1, 2, 4, 5, 7, 9, 12, 13, 16, 20)  # one per shape in SHAPES, with gaps as COCO's ids have
@@ -42,7 +45,19 @@ def _synthetic_image(rng: np.random.Generator) -> tuple[Image.Image, list[tuple[
     return image, objects
 
 
-def _write_split(root: Path, split: str, num_images: int, seed: int, first_id: int) -> None:
+def _progress(total: int, interval: float = 5.0) -> Callable[[int], None]:
+    """A function of the images written so far that prints a line (rank 0) every 10 % or `interval` seconds."""
+    last = [time.perf_counter(), 0]  # time and count of the last line
+
+    def report(done: int) -> None:
+        if done == total or done - last[1] >= total / 10 or time.perf_counter() - last[0] >= interval:
+            print0(f"writing synthetic set: {done}/{total} images")
+            last[:] = time.perf_counter(), done
+    return report
+
+
+def _write_split(root: Path, split: str, num_images: int, seed: int, first_id: int,
+                 report: Callable[[int], None]) -> None:
     (root / f"{split}2017").mkdir(parents=True)
     images, annotations = [], []
     for i in range(num_images):
@@ -62,6 +77,7 @@ def _write_split(root: Path, split: str, num_images: int, seed: int, first_id: i
                 "segmentation": [[round(float(v), 2) for v in xy.ravel()]],
                 "iscrowd": iscrowd,
             })
+        report(first_id + i)  # ids count from 1 over both splits: the images written so far
     categories = [{"id": cat, "name": name, "supercategory": "shape"} for cat, name in zip(SYNTHETIC_CAT_IDS, SHAPES,
                                                                                             strict=True)]
     (root / "annotations").mkdir(exist_ok=True)
@@ -88,8 +104,9 @@ def synthetic_coco(root: Path, num_train: int, num_val: int, seed: int = 0) -> P
     partial_root = root.with_name(f"{root.name}.partial-{os.getpid()}")
     shutil.rmtree(partial_root, ignore_errors=True)
     try:
-        _write_split(partial_root, "train", num_train, seed, first_id=1)
-        _write_split(partial_root, "val", num_val, seed, first_id=num_train + 1)  # ids unique over splits, as COCO's
+        report = _progress(num_train + num_val)
+        _write_split(partial_root, "train", num_train, seed, first_id=1, report=report)
+        _write_split(partial_root, "val", num_val, seed, first_id=num_train + 1, report=report)  # ids unique, as COCO's
         (partial_root / "synthetic.json").write_text(json.dumps(params))
         shutil.rmtree(root, ignore_errors=True)  # a copy with other arguments
         partial_root.rename(root)
