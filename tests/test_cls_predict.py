@@ -1,8 +1,10 @@
 """cls/predict.py as a user runs it: top-k classes per picture from a train_cls.py checkpoint, bad files reported."""
 import re
 
+import pytest
 import torch
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 
 from cls import predict
 from cls.models import build_model, efficientnet
@@ -45,14 +47,15 @@ def test_prints_top5_per_picture_and_reports_unreadable_ones(tmp_path):
 
 def test_load_builds_the_validation_transform_train_cls_did(tmp_path):
     fake_checkpoint(tmp_path / "synthetic.pth")
-    _, classes, transform = predict.load(str(tmp_path / "synthetic.pth"))
+    info = predict.load(str(tmp_path / "synthetic.pth")).predict_info
     image, _ = classification_image(0, 0, 10, 64)
-    assert classes == CLASSES and transform(image).shape == (3, 64, 64)  # the synthetic set's 73 / 64
+    assert info["classes"] == CLASSES and info["transform"](image).shape == (3, 64, 64)  # the synthetic set's 73 / 64
     fake_checkpoint(tmp_path / "folder.pth", data_path="/data", val_resize_size=40, val_crop_size=32)
-    assert predict.load(str(tmp_path / "folder.pth"))[2](image).shape == (3, 32, 32)
+    assert predict.load(tmp_path / "folder.pth").predict_info["transform"](image).shape == (3, 32, 32)
     # --advprop: TF "SAME" padding (the state dict loads only into that model: same names) and [-1, 1] inputs
     fake_checkpoint(tmp_path / "advprop.pth", arch="efficientnet_b0", advprop=True, interpolation="bicubic")
-    model, _, transform = predict.load(str(tmp_path / "advprop.pth"))
+    model = predict.load(str(tmp_path / "advprop.pth"))
+    transform = model.predict_info["transform"]
     assert any(isinstance(m, efficientnet.Conv2dSame) for m in model.modules()) and not model.training
     normalize = transform.transforms[-1]
     assert normalize.mean == [0.5] * 3 and transform.transforms[1].interpolation == InterpolationMode.BICUBIC
@@ -64,9 +67,43 @@ def test_top_classes_match_softmax():
     top = predict._top_classes(model, images, ["a", "b", "c"], k=5)  # k above the class count: all classes
     probs = model(images).softmax(1)
     for row, expected in zip(top, probs, strict=True):
-        assert [name for name, _ in row] == [["a", "b", "c"][i] for i in expected.argsort(descending=True)]
-        torch.testing.assert_close(torch.tensor([p for _, p in row]).sort(descending=True).values,
-                                   expected.sort(descending=True).values)
+        assert [d["label"] for d in row] == expected.argsort(descending=True).tolist()
+        assert [d["class"] for d in row] == [["a", "b", "c"][d["label"]] for d in row]
+        torch.testing.assert_close(torch.tensor([d["score"] for d in row]), expected.sort(descending=True).values)
+
+
+def test_classify_takes_pictures_paths_tensors_and_lists(tmp_path):
+    fake_checkpoint(tmp_path / "ckpt.pth")
+    model = predict.load(tmp_path / "ckpt.pth")
+    images = [classification_image(0, i, 10, 64)[0] for i in range(2)]
+    images[1].save(tmp_path / "b.png")
+    one = predict.classify(model, images[0], topk=3)
+    assert len(one) == 3 and set(one[0]) == {"class", "label", "score"}
+    assert [d["score"] for d in one] == sorted((d["score"] for d in one), reverse=True)
+    assert all(CLASSES[d["label"]] == d["class"] for d in one)
+    uint8 = torch.stack([F.pil_to_tensor(im) for im in images])  # [2, 3, 64, 64]
+    expected = predict.classify(model, images, topk=3)
+    assert expected[0] == one
+    for given in ([images[0], tmp_path / "b.png"], [images[0], str(tmp_path / "b.png")], uint8, list(uint8),
+                  [uint8[:1], uint8[1]]):
+        assert predict.classify(model, given, topk=3) == expected, type(given)
+    assert predict.classify(model, uint8[1], topk=3) == expected[1]
+    as_float = predict.classify(model, uint8.float() / 255, topk=3)  # resized in float: not bit-equal to uint8
+    for row, want in zip(as_float, expected, strict=True):
+        assert [d["label"] for d in row] == [d["label"] for d in want]
+        torch.testing.assert_close([d["score"] for d in row], [d["score"] for d in want], atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="float image tensors are 0-1"):
+        predict.classify(model, uint8.float())
+
+
+def test_a_classifier_called_on_a_picture_or_a_list_names_classify():
+    model = build_model("resnet18", num_classes=3).eval()
+    image, _ = classification_image(0, 0, 10, 64)
+    for wrong in (image, [torch.zeros(3, 64, 64)]):
+        with pytest.raises(TypeError, match=r"expects a normalised float tensor \[B, 3, H, W\].*"
+                                            r"cls\.predict\.classify\(model, images\)"):
+            model(wrong)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
 
 
 def test_checkpoint_without_class_names_is_refused(tmp_path):

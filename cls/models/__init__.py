@@ -1,5 +1,5 @@
 """Every classification model by name: one plain dict from name to builder, no registry."""
-from torch import nn
+from torch import Tensor, nn
 
 from cls.models import cspnet, densenet, efficientnet, hrnet, mobilenet_v2, mobilenet_v3, resnet, shufflenet_v2, vgg
 
@@ -64,8 +64,17 @@ TORCHVISION_TWINS = (
 )
 
 
+def _tensors_only(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: a picture or a list fails with what to call instead, not deep inside the first conv."""
+    if args and not isinstance(args[0], Tensor):
+        raise TypeError(f"a classifier expects a normalised float tensor [B, 3, H, W], not {type(args[0]).__name__}; "
+                        "for pictures, files or lists use cls.predict.classify(model, images)")
+
+
 def build_model(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
     """Build `name` with a `num_classes`-way head; keyword switches go to the builder (e.g. tf_same_padding)."""
     if name not in MODELS:
         raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(MODELS)}")
-    return MODELS[name](num_classes=num_classes, **kwargs)
+    model = MODELS[name](num_classes=num_classes, **kwargs)
+    model.register_forward_pre_hook(_tensors_only)
+    return model

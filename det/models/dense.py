@@ -11,6 +11,9 @@ from det.nms import select_and_nms
 
 def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """uint8 or float 0-255 images [B, 3, H, W] -> (x - mean) / std with per-channel [3] statistics (RGB order)."""
+    if not isinstance(images, Tensor):  # every detector's forward starts here: a picture or list fails with a hint
+        raise TypeError(f"a detector expects a uint8/float 0-255 tensor [B, 3, H, W] on its canvas, not "
+                        f"{type(images).__name__}; for pictures, files or lists use det.predict.detect(model, images)")
     return (images.float() - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
