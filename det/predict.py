@@ -180,7 +180,7 @@ def place_labels(boxes: list[list[float]], sizes: list[tuple[float, float]],
 
 
 def _font(picture_size: tuple[int, int]) -> ImageFont.ImageFont:
-    size = min(28, max(11, round(min(picture_size) / 30)))  # readable on 128 px pictures and on photos
+    size = min(32, max(11, round(min(picture_size) / 24)))  # readable on 128 px pictures and on photos
     try:
         return ImageFont.load_default(size=size)
     except (AttributeError, TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
