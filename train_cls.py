@@ -27,7 +27,7 @@ from common import cli
 from common.cli import HelpFormatter, add_runtime_args, setup_runtime
 from common.device import autocast, grad_scaler
 from common.dist import all_reduce_sum, cleanup, print0, stop_if_not_finite
-from common.logger import log_every, new_meters
+from common.logger import elapsed, log_every, new_meters
 from common.loop import (
     after_optimizer_step,
     evaluate_and_log,
@@ -60,19 +60,22 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="base LR for 256 images per step, scaled linearly to the global batch when --lr is not given")
     g.add_argument("--momentum", type=cli.non_negative_float, default=0.9, help="SGD / RMSprop momentum")
     g.add_argument("--wd", "--weight-decay", type=cli.non_negative_float, default=1e-4,
-                   help="weight decay (never on norm layers and biases)")
-    g.add_argument("--lr-scheduler", default="multistep", choices=["multistep", "step", "cosine", "poly"],
+                   help="weight decay of conv and linear weights")
+    g.add_argument("--norm-weight-decay", type=cli.non_negative_float, default=0.0,
+                   help="weight decay of norm layers and biases")
+    g.add_argument("--lr-scheduler", default="multistep", type=cli.scheduler_name,
+                   choices=["multistep", "step", "cosine", "poly"],
                    help="multistep: x gamma at --lr-steps; step: every --lr-step-size epochs; "
-                        "cosine, poly: down to --min-lr")
+                        "cosine, poly: down to --min-lr (torchvision's steplr, multisteplr, cosineannealinglr too)")
     g.add_argument("--lr-steps", type=cli.positive_int, nargs="+", default=[30, 60, 90],
                    help="multistep: epochs where LR drops")
     g.add_argument("--lr-step-size", type=cli.positive_int, default=30, help="step: drop the LR every this many epochs")
     g.add_argument("--lr-gamma", type=cli.non_negative_float, default=0.1, help="LR factor at each drop")
-    g.add_argument("--min-lr", type=cli.non_negative_float, default=0.0, help="cosine, poly: final LR")
+    g.add_argument("--min-lr", "--lr-min", type=cli.non_negative_float, default=0.0, help="cosine, poly: final LR")
     g.add_argument("--warmup-epochs", "--lr-warmup-epochs", type=cli.non_negative_int, default=0,
                    help="linear warmup from 0.001 x LR (mmcls ResNet: none)")
     g.add_argument("--label-smoothing", type=cli.non_negative_float, default=0.0, help="cross-entropy label smoothing")
-    g.add_argument("--clip-grad", type=cli.non_negative_float, default=0.0,
+    g.add_argument("--clip-grad", "--clip-grad-norm", type=cli.non_negative_float, default=0.0,
                    help="clip the gradient norm to this (0: off)")
     g.add_argument("--accum-steps", type=cli.positive_int, default=1, help="micro-batches per optimizer step")
     g = p.add_argument_group("augmentation and input")
@@ -104,7 +107,8 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch: 
     optimizer.zero_grad(set_to_none=True)
     batches = log_every(loader, meters, print_freq=args.print_freq, header=f"Epoch [{epoch}]", device=device,
                         images_per_iter=args.batch_size * args.world_size, log_file=args.log_file,
-                        tags={"mode": "train", "epoch": epoch}, start=start_batch)
+                        tags={"mode": "train", "epoch": epoch}, start=start_batch, run_done=epoch * len(loader),
+                        run_total=args.epochs * len(loader), tensorboard=args.tensorboard)
     ddp = isinstance(model, DistributedDataParallel)
     for i, (images, targets) in enumerate(batches, start=start_batch):
         images = images.to(device, non_blocking=True, memory_format=args.memory_format)
@@ -201,7 +205,7 @@ def main(args: argparse.Namespace) -> None:
                "the LR itself)")
     else:
         print0(f"LR {args.lr:g} (--lr, as given), global batch {global_batch}")
-    optimizer = build_optimizer(args.opt, model_without_ddp, args.lr, args.momentum, args.wd)
+    optimizer = build_optimizer(args.opt, model_without_ddp, args.lr, args.momentum, args.wd, args.norm_weight_decay)
     scaler = grad_scaler(device, args.amp)
     steps_per_epoch = len(train_loader) // args.accum_steps
     if steps_per_epoch == 0:
@@ -211,12 +215,16 @@ def main(args: argparse.Namespace) -> None:
     lr_of = epoch_schedule(base_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
                            schedule="multistep" if args.lr_scheduler == "step" else args.lr_scheduler, lr_steps=drops,
                            gamma=args.lr_gamma, warmup_steps=args.warmup_epochs * steps_per_epoch, min_lr=args.min_lr)
+    if args.warmup_epochs and args.warmup_epochs >= args.epochs:
+        print0(f"warning: the warmup ({args.warmup_epochs} epochs) is as long as the whole run: the LR never reaches "
+               f"{args.lr:g}; shorten it with --warmup-epochs N")
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     mix = data.mixup_cutmix(len(classes), args.mixup_alpha, args.cutmix_alpha)
 
     resumed = ckpt.restore_training_state(
-        args.resume, args.output_dir, model=model_without_ddp, optimizer=optimizer, scaler=scaler,
-        model_ema=model_ema, rank=rank, world_size=args.world_size, device=device, identity={"arch": args.arch})
+        ckpt.load_resume(args.resume, args.output_dir, {"arch": args.arch}), model=model_without_ddp,
+        optimizer=optimizer, scaler=scaler, model_ema=model_ema, rank=rank, world_size=args.world_size, device=device,
+        start_epoch=args.start_epoch, steps_per_epoch=steps_per_epoch)
     step, best = resumed["step"], resumed["best_metric"]
 
     run_eval = partial(evaluate, loader=val_loader, device=device, args=args)
@@ -250,7 +258,7 @@ def main(args: argparse.Namespace) -> None:
             print0(stopped_message(args, step))
             break
     else:
-        print0(f"done: best top-1 {best:.3f}; checkpoints in {args.output_dir}")
+        print0(f"done in {elapsed()}: best top-1 {best:.3f}; checkpoints in {args.output_dir}")
     cleanup()
 
 

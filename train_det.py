@@ -24,7 +24,7 @@ from common import cli
 from common.cli import HelpFormatter, add_runtime_args, setup_runtime
 from common.device import autocast, grad_scaler
 from common.dist import all_gather_objects, cleanup, is_main_process, print0, stop_if_not_finite
-from common.logger import log_every, new_meters
+from common.logger import elapsed, log_every, new_meters
 from common.loop import (
     after_optimizer_step,
     evaluate_and_log,
@@ -36,7 +36,7 @@ from common.loop import (
 from common.optim import build_optimizer, epoch_schedule
 from common.sampling import set_epoch
 from det import data
-from det.eval import coco_evaluate, to_coco_results
+from det.eval import coco_evaluate, save_results, to_coco_results
 from det.models import MODELS, RECIPES, build_model, load_backbone_weights, to_our_names
 
 # recipe key -> flag destination: the recipe's values are the flags' defaults (and what --help shows)
@@ -57,8 +57,15 @@ def get_args_parser(model: str = "ssd300") -> argparse.ArgumentParser:
     p.add_argument("--val-images", help="validation image folder (default: DATA/val2017)")
     p.add_argument("--synthetic-size", type=cli.positive_int, default=2000,
                    help="training images of the synthetic set (val: 1/4)")
-    p.add_argument("--backbone-weights", help="ImageNet classification checkpoint for the backbone (ours, "
-                   "torchvision's or mmpretrain's): real detection training starts there")
+    p.add_argument("--backbone-weights", "--weights-backbone",
+                   help="ImageNet classification checkpoint for the backbone (ours, torchvision's or mmpretrain's): "
+                        "real detection training starts there")
+    p.add_argument("--trainable-backbone-layers", type=int, choices=range(6), metavar="{0..5}",
+                   help="ResNet detectors: backbone stages that train, from the top (torchvision's flag; default: "
+                        "5 from scratch, the recipe's 3 over --backbone-weights / --weights)")
+    p.add_argument("--norm-eval", action=argparse.BooleanOptionalAction,
+                   help="ResNet detectors: keep the backbone's BatchNorm statistics fixed (default: on over "
+                        "pretrained weights, as mmdet; off from scratch)")
     p.add_argument("--max-gt", type=cli.positive_int, help="objects per image the targets are padded to (default: per "
                    "batch, the smallest of 32, 64, 128, ... that fits); an image with more is an error")
     g = p.add_argument_group(f"recipe (defaults: {model}'s mmdet recipe; run --model M --help for another's)")
@@ -74,16 +81,20 @@ def get_args_parser(model: str = "ssd300") -> argparse.ArgumentParser:
                    help="the recipes' SGD; AdamW (--lr ~3e-4) learns faster in short runs from weak backbones")
     g.add_argument("--momentum", type=cli.non_negative_float, help="SGD momentum")
     g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=cli.non_negative_float,
-                   help="weight decay (never on norm layers and biases)")
-    g.add_argument("--lr-scheduler", "--schedule", choices=["multistep", "cosine"],
-                   help="multistep: x0.1 at each of --lr-steps; cosine: down to 0 at the end")
+                   help="weight decay of conv and linear weights")
+    g.add_argument("--norm-weight-decay", type=cli.non_negative_float, default=0.0,
+                   help="weight decay of norm layers and biases")
+    g.add_argument("--lr-scheduler", "--schedule", type=cli.scheduler_name, choices=["multistep", "cosine"],
+                   help="multistep: x0.1 at each of --lr-steps; cosine: down to 0 at the end (torchvision's "
+                        "multisteplr, cosineannealinglr too)")
     g.add_argument("--lr-steps", type=cli.positive_int, nargs="+", help="multistep: epochs where the LR drops x0.1")
     g.add_argument("--warmup-iters", type=cli.non_negative_int, help="linear warmup iterations")
     g.add_argument("--lr-warmup-epochs", type=cli.non_negative_int,
                    help="warmup over this many epochs instead of --warmup-iters")
     g.add_argument("--warmup-factor", type=cli.non_negative_float, help="LR factor at the first warmup iteration")
     g.add_argument("--repeat", type=cli.positive_int, help="passes over the data set per epoch (mmdet's RepeatDataset)")
-    g.add_argument("--clip-grad", type=cli.non_negative_float, help="clip the gradient norm to this (None, 0: off)")
+    g.add_argument("--clip-grad", "--clip-grad-norm", type=cli.non_negative_float,
+                   help="clip the gradient norm to this (None, 0: off)")
     g.add_argument("--accum-steps", type=cli.positive_int, default=1, help="micro-batches per optimizer step")
     p.set_defaults(**{flag: RECIPES[model][key] for key, flag in RECIPE_FLAGS.items()})
     add_runtime_args(p, output_dir="output/det")
@@ -98,6 +109,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return get_args_parser(model if model in MODELS else "ssd300").parse_args(argv)
 
 
+def backbone_settings(args: argparse.Namespace, recipe: dict, resume: dict | None) -> dict:
+    """`frozen_stages` / `norm_eval` for a ResNet backbone, decided as torchvision's detection builders decide
+    (`_validate_trainable_layers`): over pretrained weights (--backbone-weights or --weights) the recipe's (mmdet's
+    frozen stem + stage 1, BatchNorm statistics kept), from scratch the whole backbone trains with ordinary
+    BatchNorm: frozen random filters and statistics of mean 0 / variance 1 never learn. --trainable-backbone-layers
+    (stages trained, counted from the top: 5 all, 3 = mmdet's frozen_stages 1, 0 none) and --norm-eval override
+    either; a resumed run keeps what its checkpoint used. {} for backbones without these settings (VGG, MobileNet)."""
+    if "frozen_stages" not in recipe:
+        if args.trainable_backbone_layers is not None or args.norm_eval is not None:
+            raise SystemExit(f"error: --trainable-backbone-layers / --norm-eval are for the ResNet detectors; "
+                             f"{args.model}'s backbone trains whole")
+        return {}
+    if resume is not None:  # checkpoints from before these settings were recorded used the recipe's
+        settings = resume["state"].get("extra", {}).get("backbone", {k: recipe[k] for k in ("frozen_stages",
+                                                                                             "norm_eval")})
+        print0(f"backbone: frozen_stages {settings['frozen_stages']}, norm_eval {settings['norm_eval']}, as the "
+               "resumed checkpoint was trained")
+        return settings
+    pretrained = bool(args.backbone_weights or args.weights)
+    frozen = recipe["frozen_stages"] if pretrained else -1
+    if args.trainable_backbone_layers is not None:
+        frozen = 4 - args.trainable_backbone_layers
+    norm_eval = (recipe["norm_eval"] if pretrained else False) if args.norm_eval is None else args.norm_eval
+    why = ("over pretrained weights, the recipe's" if pretrained else
+           "no --backbone-weights or --weights: random filters and BatchNorm statistics must learn, as in "
+           "torchvision's detection builders without weights")
+    if args.trainable_backbone_layers is not None or args.norm_eval is not None:
+        why = "set by flags"
+    batch_norm = "statistics frozen (norm_eval)" if norm_eval else "in train mode"
+    print0(f"backbone: {4 - frozen} of 5 stages train, BatchNorm {batch_norm} ({why})")
+    return {"frozen_stages": frozen, "norm_eval": norm_eval}
+
+
 def train_one_epoch(model, optimizer, scaler, loader, device, epoch: int, step: int, lr_of, args,
                     model_ema=None, *, start_batch: int = 0, save) -> tuple[int, bool]:
     """One pass over `loader` (the data set `repeat` times) from batch `start_batch` (a run resumed mid-epoch);
@@ -109,7 +153,8 @@ def train_one_epoch(model, optimizer, scaler, loader, device, epoch: int, step: 
     ddp = isinstance(model, DistributedDataParallel)
     batches = log_every(loader, meters, print_freq=args.print_freq, header=f"Epoch [{epoch}]", device=device,
                         images_per_iter=args.batch_size * args.world_size, log_file=args.log_file,
-                        tags={"mode": "train", "epoch": epoch}, start=start_batch)
+                        tags={"mode": "train", "epoch": epoch}, start=start_batch, run_done=epoch * len(loader),
+                        run_total=args.epochs * len(loader), tensorboard=args.tensorboard)
     for i, (images, targets, _) in enumerate(batches, start=start_batch):
         images = images.to(device, non_blocking=True).contiguous(memory_format=args.memory_format)
         targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
@@ -136,7 +181,9 @@ def train_one_epoch(model, optimizer, scaler, loader, device, epoch: int, step: 
 @torch.no_grad()
 def evaluate(model, loader, device, args, header: str = "Test") -> dict[str, float]:
     """COCO AP (of the recipe's iou_type) over the whole validation set: every rank predicts its shard, rank 0 runs
-    COCOeval."""
+    COCOeval and writes OUTPUT_DIR/detections_val.json (COCO results format: what COCO's evaluation server and
+    pycocotools' loadRes take) and the 12-number summary to coco_<iou_type>_summary.json (`_ema` before `.json` for
+    the EMA model's)."""
     model.eval()
     dataset = loader.dataset
     results = []
@@ -150,9 +197,12 @@ def evaluate(model, loader, device, args, header: str = "Test") -> dict[str, flo
         results += to_coco_results(out["boxes"], out["scores"], out["labels"], out["valid"], metas,
                                    dataset.label_to_cat)
     results = [r for part in all_gather_objects(results) for r in part]
-    iou_type = RECIPES[args.model]["iou_type"]
-    out_file = Path(args.output_dir) / f"coco_{iou_type}.json"
-    stats = coco_evaluate(dataset.coco, results, out_file, iou_type=iou_type) if is_main_process() else {}
+    iou_type, suffix = RECIPES[args.model]["iou_type"], "_ema" if "EMA" in header else ""
+    stats = {}
+    if is_main_process():
+        save_results(results, Path(args.output_dir) / f"detections_val{suffix}.json")
+        stats = coco_evaluate(dataset.coco, results, Path(args.output_dir) / f"coco_{iou_type}_summary{suffix}.json",
+                              iou_type=iou_type)
     return all_gather_objects(stats)[0]  # every rank agrees on "best"
 
 
@@ -176,7 +226,9 @@ def main(args: argparse.Namespace) -> None:
         workers=args.workers, rank=rank, world_size=args.world_size, seed=args.seed, max_gt=args.max_gt,
         pin_memory=device.type != "cpu")
 
-    model = build_model(args.model, num_classes=len(val_set.classes))
+    resume = ckpt.load_resume(args.resume, args.output_dir, {"model": args.model})
+    backbone = backbone_settings(args, recipe, resume)
+    model = build_model(args.model, num_classes=len(val_set.classes), **backbone)
     if args.backbone_weights:
         load_backbone_weights(args.model, model, ckpt.load_checkpoint(args.backbone_weights))
     if args.weights:
@@ -192,20 +244,25 @@ def main(args: argparse.Namespace) -> None:
                f"x global batch {global_batch} / {args.lr_batch} (linear scaling; --lr sets the LR itself)")
     else:
         print0(f"{args.model}: canvas {args.img_size}, LR {args.lr:g} (--lr, as given), global batch {global_batch}")
-    optimizer = build_optimizer(args.opt, model_without_ddp, args.lr, args.momentum, args.weight_decay)
+    optimizer = build_optimizer(args.opt, model_without_ddp, args.lr, args.momentum, args.weight_decay,
+                                args.norm_weight_decay)
     scaler = grad_scaler(device, args.amp)
     steps_per_epoch = len(train_loader) // args.accum_steps
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(train_set)} training images make no full step of {global_batch} images")
     if args.lr_warmup_epochs is not None:
         args.warmup_iters = args.lr_warmup_epochs * steps_per_epoch
+    if args.warmup_iters >= args.epochs * steps_per_epoch:
+        print0(f"warning: the warmup ({args.warmup_iters} iterations) is as long as the whole run "
+               f"({args.epochs * steps_per_epoch} steps): the LR never reaches {args.lr:g}; shorten it with "
+               "--warmup-iters N (or --lr-warmup-epochs N)")
     lr_of = epoch_schedule(base_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
                            schedule=args.lr_scheduler, lr_steps=args.lr_steps or (), warmup_steps=args.warmup_iters,
                            warmup_factor=args.warmup_factor)
 
-    resumed = ckpt.restore_training_state(
-        args.resume, args.output_dir, model=model_without_ddp, optimizer=optimizer, scaler=scaler,
-        model_ema=model_ema, rank=rank, world_size=args.world_size, device=device, identity={"model": args.model})
+    resumed = ckpt.restore_training_state(resume, model=model_without_ddp, optimizer=optimizer, scaler=scaler,
+                                          model_ema=model_ema, rank=rank, world_size=args.world_size, device=device,
+                                          start_epoch=args.start_epoch, steps_per_epoch=steps_per_epoch)
     step, best = resumed["step"], resumed["best_metric"]
 
     run_eval = partial(evaluate, loader=val_loader, device=device, args=args)
@@ -215,7 +272,7 @@ def main(args: argparse.Namespace) -> None:
         return
 
     extra = {"model": args.model, "img_size": args.img_size, "classes": val_set.classes,
-             "label_to_cat": val_set.label_to_cat}
+             "label_to_cat": val_set.label_to_cat, "backbone": backbone}
 
     def save(*, epoch: int, batch: int, step: int, is_best: bool = False) -> None:
         state = ckpt.training_state(model=model_without_ddp, optimizer=optimizer, scaler=scaler, model_ema=model_ema,
@@ -240,7 +297,8 @@ def main(args: argparse.Namespace) -> None:
             print0(stopped_message(args, step))
             break
     else:
-        print0(f"done: best {recipe['iou_type']} {recipe['metric']} {best:.3f}; checkpoints in {args.output_dir}")
+        print0(f"done in {elapsed()}: best {recipe['iou_type']} {recipe['metric']} {best:.3f}; "
+               f"checkpoints in {args.output_dir}")
     cleanup()
 
 

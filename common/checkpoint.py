@@ -162,17 +162,14 @@ def training_state(
     }
 
 
-def restore_training_state(
-    resume: str, output_dir: str | Path, *, model: nn.Module, optimizer, scaler, model_ema, rank: int,
-    world_size: int, device: torch.device, identity: dict[str, str],
-) -> dict:
-    """`--resume PATH|auto`: load a `training_state` checkpoint into the live objects. `identity` (e.g.
-    {"arch": "resnet18"}) must match the checkpoint's `extra`, so a checkpoint of another model is refused in one
-    sentence. Returns {"epoch": epoch to run, "batch": batches of it already trained (0: from its start), "step":
-    global optimizer step, "best_metric"}; a fresh start (zeros) when there is nothing to resume."""
+def load_resume(resume: str, output_dir: str | Path, identity: dict[str, str]) -> dict | None:
+    """`--resume PATH|auto`: {"path", "state"} of the training checkpoint to continue, None for a fresh start.
+    `identity` (e.g. {"arch": "resnet18"}) must match the checkpoint's `extra`, so a checkpoint of another model is
+    refused in one sentence, as is a weights-only file. Loaded before the model is built: its `extra` may say how
+    (train_det.py's backbone settings)."""
     path = resume_path(resume, output_dir)
     if path is None:
-        return {"epoch": 0, "batch": 0, "step": 0, "best_metric": 0.0}
+        return None
     state = load_checkpoint(path)
     if not {"model", "optimizer", "epoch", "step"} <= state.keys():
         raise SystemExit(f"error: {path} is not a training checkpoint of this script (it has no optimizer state or "
@@ -181,6 +178,22 @@ def restore_training_state(
         theirs = state.get("extra", {}).get(key)
         if theirs != name:
             raise SystemExit(f"error: cannot resume from {path}: this checkpoint is for {theirs}, not {name}")
+    return {"path": path, "state": state}
+
+
+def restore_training_state(
+    resume: dict | None, *, model: nn.Module, optimizer, scaler, model_ema, rank: int, world_size: int,
+    device: torch.device, start_epoch: int = 0, steps_per_epoch: int = 0,
+) -> dict:
+    """Load `load_resume`'s checkpoint into the live objects. Returns {"epoch": epoch to run, "batch": batches of it
+    already trained (0: from its start), "step": global optimizer step, "best_metric"}. With `resume` None, a fresh
+    start at `start_epoch` (torchvision's --start-epoch: the step, hence the LR, as if the earlier epochs had run),
+    whose best metric is -inf so that the first evaluation writes best.pth whatever it scores."""
+    if resume is None:
+        return {"epoch": start_epoch, "batch": 0, "step": start_epoch * steps_per_epoch, "best_metric": float("-inf")}
+    if start_epoch:
+        print0(f"--start-epoch {start_epoch} ignored: --resume continues where the checkpoint stopped")
+    path, state = resume["path"], resume["state"]
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:  # e.g. another number of classes: torch lists every key, say it in one sentence

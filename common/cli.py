@@ -9,6 +9,7 @@ import torch
 from common.checkpoint import prepare_output_dir, remove_stale_temp_files
 from common.device import resolve_device, seed_everything
 from common.dist import bind_cores, init_distributed, is_main_process, print0
+from common.logger import open_tensorboard
 from common.loop import install_stop_handlers
 
 
@@ -52,6 +53,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+# torchvision's references name the schedules after their torch classes
+TORCHVISION_SCHEDULERS = {"steplr": "step", "multisteplr": "multistep", "cosineannealinglr": "cosine"}
+
+
+def scheduler_name(text: str) -> str:
+    """Ours (multistep, step, cosine, poly) or torchvision's (steplr, multisteplr, cosineannealinglr)."""
+    return TORCHVISION_SCHEDULERS.get(text.lower(), text.lower())
+
+
 def device_name(text: str) -> str:
     """auto, cpu, npu, cuda, or npu:N / cuda:N (N a device index)."""
     if not re.fullmatch(r"auto|cpu|(npu|cuda)(:\d+)?", text.lower()):
@@ -76,13 +86,19 @@ def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
     g.add_argument("--output-dir", default=output_dir, help="checkpoints (last.pth, best.pth) and log.jsonl")
     g.add_argument("--resume", default="", help="checkpoint to continue exactly, or 'auto' for OUTPUT_DIR/last.pth")
     g.add_argument("--weights", help="initial model weights only (ours, torchvision's or OpenMMLab's; see README)")
+    g.add_argument("--start-epoch", type=non_negative_int, default=0,
+                   help="start a fresh run at this epoch, its LR as if the earlier ones had run (torchvision's flag; "
+                        "--resume sets it from the checkpoint)")
     g.add_argument("--keep", type=non_negative_int, default=0, help="also keep the newest N epoch_NNNN.pth files")
     g.add_argument("--save-every", type=non_negative_int, default=0,
                    help="also write last.pth every N optimizer steps (0: at epoch ends only); SIGTERM / Ctrl-C "
                         "always writes one before stopping")
     g.add_argument("--test-only", action="store_true", help="evaluate --weights (or --resume) and exit")
     g.add_argument("--eval-interval", type=positive_int, default=1, help="evaluate every N epochs (and after the last)")
-    g.add_argument("--print-freq", type=positive_int, default=20, help="iterations between log lines")
+    g.add_argument("--print-freq", type=positive_int, default=20,
+                   help="iterations between log lines (and a line at least every 30 s)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the log's scalars to OUTPUT_DIR/tensorboard (needs: pip install tensorboard)")
     g.add_argument("--ema", "--model-ema", action="store_true",
                    help="keep and evaluate an exponential moving average of the weights")
     g.add_argument("--ema-decay", "--model-ema-decay", type=non_negative_float, default=0.9998,
@@ -115,6 +131,8 @@ def setup_runtime(args: argparse.Namespace) -> tuple[torch.device, int]:
         print0(f"removed {len(stale)} unfinished checkpoint file(s) of a killed run: "
                + ", ".join(p.name for p in stale))
     install_stop_handlers()
+    if args.tensorboard:
+        open_tensorboard(args.log_file)  # at start: a missing package is one sentence before any work
     print0(f"device {device}, {args.world_size} process(es), {args.workers} loader workers each"
            + (f", bound to CPUs {cores[0]}-{cores[-1]}" if cores else ""))
     return device, rank

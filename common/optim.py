@@ -13,24 +13,24 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights of convs and linears decay, norm scales/shifts and biases (1-d tensors) do not.
-
-    Decaying BN's gamma/beta or biases only fights the normalisation (Goyal et al. 2017, "no bias decay").
-    """
+def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float = 0.0) -> list[dict]:
+    """Two groups: weights of convs and linears decay by `weight_decay`, norm scales/shifts and biases (1-d tensors)
+    by `norm_weight_decay`, 0 by default: decaying BN's gamma/beta or biases only fights the normalisation (Goyal et
+    al. 2017, "no bias decay"); torchvision's --norm-weight-decay sets it."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": norm_weight_decay}]
 
 
 def build_optimizer(
-    name: str, model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4
+    name: str, model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
+    norm_weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
     """sgd (mmcls/torchvision ResNet recipe), adamw, or rmsprop with TensorFlow's alpha/eps (MobileNet/EfficientNet
     recipes: eps 0.0316 ~ sqrt(1e-3) because TF puts eps inside the square root)."""
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, norm_weight_decay)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if name == "adamw":

@@ -3,6 +3,7 @@ boxes or masks."""
 import contextlib
 import io
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,6 +43,14 @@ def to_coco_results(
 
 
 IOU_TYPES = ("bbox", "segm")  # COCOeval's overlap of a detection with a ground truth: boxes or masks
+
+
+def save_results(results: list[dict], path: Path) -> None:
+    """COCO result dicts as the JSON list COCO's tools read, written to a temporary file and renamed (never torn)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results))
+    os.replace(tmp, path)
 
 
 def coco_evaluate(coco_gt: COCO, results: list[dict], out_file: Path | None = None, *,

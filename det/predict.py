@@ -169,7 +169,7 @@ def place_labels(boxes: list[list[float]], sizes: list[tuple[float, float]],
     least overlapping. Labels of `sizes` (w, h) are shifted to stay inside the picture (W, H)."""
     width, height = picture_size
     placed = []
-    for (x1, y1, x2, y2), (w, h) in zip(boxes, sizes, strict=True):
+    for (x1, y1, _, y2), (w, h) in zip(boxes, sizes, strict=True):
         spots = []
         for x, y in [(x1, y1 - h), (x1, y2), (x1, y1), (x1, y2 - h)]:
             x, y = min(max(x, 0), max(width - w, 0)), min(max(y, 0), max(height - h, 0))

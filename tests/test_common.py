@@ -91,9 +91,9 @@ def test_unreadable_checkpoints_get_one_sentence(tmp_path):
 
 def restore(path, model, identity):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return ckpt.restore_training_state(str(path), path.parent, model=model, optimizer=optimizer,
-                                       scaler=torch.amp.GradScaler("cpu", enabled=False), model_ema=None, rank=0,
-                                       world_size=1, device=torch.device("cpu"), identity=identity)
+    return ckpt.restore_training_state(ckpt.load_resume(str(path), path.parent, identity), model=model,
+                                       optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                                       model_ema=None, rank=0, world_size=1, device=torch.device("cpu"))
 
 
 def test_resume_refuses_another_model_in_one_sentence(tmp_path):
@@ -203,7 +203,8 @@ def test_log_every_prints_and_writes_json(tmp_path, capsys):
                        images_per_iter=8, log_file=log_file, tags={"epoch": 0}):
         meters["loss"].append(torch.tensor(float(i)))
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 3 and lines[0].startswith("Epoch [0] [2/5]") and "img/s" in lines[0]
+    assert len(lines) == 3 and re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d Epoch \[0\] \[2/5\]", lines[0])
+    assert "img/s" in lines[0]
     records = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert [r["iter"] for r in records] == [2, 4, 5]
     assert records[-1]["loss_avg"] == pytest.approx(2.0) and records[-1]["loss"] == pytest.approx(2.0)
@@ -236,3 +237,30 @@ def test_train_det_help_shows_the_chosen_recipe(capsys):
     assert (args.blr, args.lr, args.batch_size, args.weight_decay, args.img_size) == (2e-3, 0.02, 4, 1e-3, 300)
     assert train_det.parse_args(["--model", "ssd300", "--lr-scheduler", "cosine"]).lr_scheduler == "cosine"
     assert train_det.parse_args(["--schedule", "cosine"]).lr_scheduler == "cosine"  # the old name still works
+
+
+def test_torchvision_reference_names():
+    import train_cls
+    import train_det
+
+    cls = train_cls.get_args_parser().parse_args(
+        ["--model", "resnet18", "--lr-scheduler", "cosineannealinglr", "--lr-min", "1e-5", "--clip-grad-norm", "2",
+         "--norm-weight-decay", "1e-5", "--start-epoch", "3", "--model-ema", "--use-deterministic-algorithms",
+         "-j", "3", "--lr-warmup-epochs", "2"])
+    assert (cls.arch, cls.lr_scheduler, cls.min_lr, cls.clip_grad, cls.norm_weight_decay, cls.start_epoch) == \
+        ("resnet18", "cosine", 1e-5, 2.0, 1e-5, 3)
+    assert cls.ema and cls.deterministic and cls.workers == 3 and cls.warmup_epochs == 2
+    assert train_cls.get_args_parser().parse_args(["--lr-scheduler", "steplr"]).lr_scheduler == "step"
+    det = train_det.parse_args(["--model", "retinanet_r18", "--weights-backbone", "r18.pth", "--lr-scheduler",
+                                "multisteplr", "--clip-grad-norm", "10", "--weight-decay", "1e-3"])
+    assert (det.backbone_weights, det.lr_scheduler, det.clip_grad, det.weight_decay) == \
+        ("r18.pth", "multistep", 10.0, 1e-3)
+
+
+def test_norm_weight_decay_and_start_epoch():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    groups = build_optimizer("sgd", model, 0.1, weight_decay=1e-4, norm_weight_decay=1e-5).param_groups
+    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(1, 1e-4), (3, 1e-5)]
+    fresh = ckpt.restore_training_state(None, model=model, optimizer=None, scaler=None, model_ema=None, rank=0,
+                                        world_size=1, device=torch.device("cpu"), start_epoch=3, steps_per_epoch=10)
+    assert fresh == {"epoch": 3, "batch": 0, "step": 30, "best_metric": float("-inf")}

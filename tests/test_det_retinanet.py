@@ -257,3 +257,19 @@ def test_train_forward_compiles_as_one_graph():
     got, want = compiled(images, targets), model(images, targets)
     for key in want:
         torch.testing.assert_close(got[key], want[key])
+
+
+def test_from_scratch_backbone_trains_whole_with_batchnorm_statistics():
+    """Without pretrained weights (train_det.py's rule, torchvision's): nothing in the backbone is frozen and its
+    BatchNorms update their running statistics; the recipe's builder defaults keep mmdet's freezing."""
+    model = retinanet.retinanet_r18(frozen_stages=-1, norm_eval=False).train()
+    assert all(p.requires_grad for p in model.backbone.parameters())
+    before = model.backbone.bn1.running_var.clone()
+    images = torch.randint(0, 256, (2, 3, 96, 160), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    model(images, empty_targets(2, 4, [[96, 160], [96, 160]]))
+    assert not torch.equal(model.backbone.bn1.running_var, before)
+    recipe = retinanet.retinanet_r18().train()
+    frozen = {n.split(".")[0] for n, p in recipe.backbone.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv1", "bn1", "layer1"}
+    assert (retinanet.RECIPES["retinanet_r18"]["frozen_stages"], retinanet.RECIPES["retinanet_r18"]["norm_eval"]) \
+        == (1, True)

@@ -72,8 +72,10 @@ def test_torchrun_two_processes(tmp_path, cache):
                 launcher=launcher)
     assert "2 process(es)" in out.stdout and "global batch 4" in out.stdout
     assert "Average Precision  (AP) @[ IoU=0.50 " in out.stdout  # COCOeval ran once, on rank 0
-    coco = json.loads((tmp_path / "coco_bbox.json").read_text())
+    coco = json.loads((tmp_path / "coco_bbox_summary.json").read_text())
     assert set(coco) >= {"AP", "AP50"}
+    detections = json.loads((tmp_path / "detections_val.json").read_text())  # COCO results format
+    assert detections and set(detections[0]) == {"image_id", "category_id", "bbox", "score"}
     assert load_checkpoint(tmp_path / "last.pth")["extra"]["label_to_cat"] == [1, 2, 4, 5, 7, 9, 12, 13, 16, 20]
 
 
@@ -94,6 +96,41 @@ def test_predict_draws_pictures_and_test_only(tmp_path, cache):
                         (["--weights", last, "--test-only"], "does not fit this model: .* of retinanet_r18")]:
         out = train(*other, *flags, expect_ok=False)
         assert out.returncode == 1 and re.search(says, out.stderr) and "Traceback" not in out.stderr, out.stderr
+
+
+def test_backbone_trains_whole_without_weights_and_frozen_over_them(tmp_path, cache):
+    """No weights: every backbone stage trains and BatchNorm learns its statistics (it starts at mean 0, variance 1);
+    over --backbone-weights the recipe's frozen stem + stage 1 and norm_eval hold; flags override either, and a
+    resumed run keeps what its checkpoint used."""
+    from torchvision.models import resnet18
+
+    scratch = train(*TINY, "--epochs", "1", "--workers", "0", "--output-dir", str(tmp_path / "scratch"))
+    assert "backbone: 5 of 5 stages train, BatchNorm in train mode (no --backbone-weights" in scratch.stdout
+    state = load_checkpoint(tmp_path / "scratch" / "last.pth")
+    assert state["extra"]["backbone"] == {"frozen_stages": -1, "norm_eval": False}
+    assert not torch.equal(state["model"]["backbone.bn1.running_var"], torch.ones(64))
+
+    imagenet = resnet18(num_classes=1000).state_dict()
+    torch.save(imagenet, tmp_path / "r18.pth")  # torchvision's format
+    out = train(*TINY, "--epochs", "1", "--workers", "0", "--backbone-weights", str(tmp_path / "r18.pth"),
+                "--output-dir", str(tmp_path / "pretrained"))
+    assert "backbone: 3 of 5 stages train, BatchNorm statistics frozen (norm_eval) (over pretrained" in out.stdout
+    state = load_checkpoint(tmp_path / "pretrained" / "last.pth")
+    assert state["extra"]["backbone"] == {"frozen_stages": 1, "norm_eval": True}
+    for key in ("conv1.weight", "layer1.0.conv1.weight", "bn1.running_var", "layer3.0.bn1.running_mean"):
+        assert torch.equal(state["model"][f"backbone.{key}"], imagenet[key]), key  # frozen / statistics kept
+    assert not torch.equal(state["model"]["backbone.layer3.0.conv1.weight"], imagenet["layer3.0.conv1.weight"])
+
+    flags = train(*TINY, "--epochs", "2", "--workers", "0", "--backbone-weights", str(tmp_path / "r18.pth"),
+                  "--trainable-backbone-layers", "5", "--no-norm-eval", "--output-dir", str(tmp_path / "pretrained"),
+                  "--resume", "auto")
+    assert "as the resumed checkpoint was trained" in flags.stdout  # the checkpoint's settings, not the flags
+    assert load_checkpoint(tmp_path / "pretrained" / "last.pth")["extra"]["backbone"]["frozen_stages"] == 1
+    out = train(*TINY, "--epochs", "1", "--workers", "0", "--backbone-weights", str(tmp_path / "r18.pth"),
+                "--trainable-backbone-layers", "5", "--no-norm-eval", "--output-dir", str(tmp_path / "flags"))
+    assert "backbone: 5 of 5 stages train, BatchNorm in train mode (set by flags)" in out.stdout
+    ssd = train("--model", "ssdlite_mobilenet_v2", "--trainable-backbone-layers", "3", expect_ok=False)
+    assert ssd.returncode == 1 and "for the ResNet detectors" in ssd.stderr
 
 
 def test_mmdet_checkpoint_names_load():
@@ -121,7 +158,9 @@ def test_ssd_preset_trains_on_a_small_canvas(tmp_path, cache):
                 "--batch-size", "4", "--epochs", "1", "--repeat", "1", "--workers", "0", "--print-freq", "1",
                 "--output-dir", str(tmp_path))
     assert "canvas 96" in out.stdout and "Epoch [0] [4/4]" in out.stdout
-    assert set(json.loads((tmp_path / "coco_bbox.json").read_text())) >= {"AP", "AP50"}
+    assert "the warmup (500 iterations) is as long as the whole run (4 steps)" in out.stdout  # the recipe's
+    assert (tmp_path / "best.pth").exists()  # the first evaluation always writes one, even at AP 0
+    assert set(json.loads((tmp_path / "coco_bbox_summary.json").read_text())) >= {"AP", "AP50"}
 
 
 @pytest.mark.convergence
@@ -133,6 +172,6 @@ def test_retinanet_learns_synthetic_shapes(tmp_path, cache, synthetic_resnet18):
           "--synthetic-size", "512", "--batch-size", "8", "--opt", "adamw", "--lr", "3e-4",
           "--warmup-iters", "50", "--lr-steps", "7", "--eval-interval", "8", "--print-freq", "64", "--workers", "1",
           "--backbone-weights", str(synthetic_resnet18 / "best.pth"), "--output-dir", str(tmp_path))
-    stats = json.loads((tmp_path / "coco_bbox.json").read_text())
+    stats = json.loads((tmp_path / "coco_bbox_summary.json").read_text())
     print("synthetic RetinaNet-R18:", {k: round(v, 3) for k, v in stats.items()})
     assert stats["AP50"] > 0.15

@@ -4,7 +4,9 @@ A family file (det/models/<family>.py: blocks, model class, builders at the bott
 - builders `<name>(num_classes=80) -> nn.Module`, listed in MODELS below; the model's forward takes
   (images, targets) in training -> {"loss_*": scalar}, (images, image_size=None) in eval -> padded detections
   {"boxes" [B, K, 4], "scores", "labels", "valid" [B, K]};
-- `RECIPES`: {name: dict(preset, img_size, batch_size, lr, ..., iou_type, metric)} for each of its builders;
+- `RECIPES`: {name: dict(preset, img_size, batch_size, lr, ..., iou_type, metric)} for each of its builders, plus
+  `frozen_stages` and `norm_eval` where the builder takes them (a ResNet backbone: its settings over ImageNet
+  weights; train_det.py trains the whole backbone without weights);
 - `from_mmdet(state_dict) -> state_dict`: mmdet's parameter names onto ours (the identity where they agree);
 - `load_backbone_weights(model, checkpoint) -> {"missing", "unexpected", "shape_mismatch"}`: an ImageNet
   classification checkpoint (ours, torchvision's or mmpretrain's) into the model's backbone.
@@ -29,10 +31,11 @@ MODELS = {
 RECIPES = {name: recipe for f in FAMILIES for name, recipe in f.RECIPES.items()}  # the mmdet configs' recipes
 
 
-def build_model(name: str, num_classes: int = 80) -> nn.Module:
+def build_model(name: str, num_classes: int = 80, **backbone) -> nn.Module:
+    """`backbone`: the ResNet detectors' `frozen_stages` and `norm_eval` (recipes that have them name them)."""
     if name not in MODELS:
         raise ValueError(f"unknown detector {name!r}; choose one of: {', '.join(MODELS)}")
-    return MODELS[name](num_classes=num_classes)
+    return MODELS[name](num_classes=num_classes, **backbone)
 
 
 def family(name: str) -> ModuleType:

@@ -172,26 +172,30 @@ def load_backbone_weights(model: RetinaNet, checkpoint: dict) -> dict[str, list[
     return model.backbone.load_classification_weights(checkpoint)
 
 
-# Training recipes of the seed's configs (mmdet 3.3.0 .mim/configs/retinanet). Both: 12 epochs, SGD momentum 0.9,
-# weight decay 1e-4, linear warmup over 500 iterations from 0.001 x LR, LR x 0.1 after epochs 8 and 11
-# (schedule_1x.py), no gradient clipping; data: keep-ratio resize to 1333x800, horizontal flip 0.5, nothing else
-# (coco_detection.py, whose filter_empty_gt=True / min_size=32 drops images without objects from training).
+# Training recipes of the seed's configs (mmdet 3.3.0 .mim/configs/retinanet). frozen_stages / norm_eval are the
+# backbone's over ImageNet weights (mmdet's ResNet settings); without them train_det trains the whole backbone.
+# Both: 12 epochs, SGD momentum 0.9, weight decay 1e-4, linear warmup over 500 iterations from 0.001 x LR, LR x 0.1
+# after epochs 8 and 11 (schedule_1x.py), no gradient clipping; data: keep-ratio resize to 1333x800, horizontal
+# flip 0.5, nothing else (coco_detection.py, whose filter_empty_gt=True / min_size=32 drops images without objects
+# from training).
 RECIPES = {
     # retinanet_r18_fpn_1xb8-1x_coco.py (the seed's retinanet_r18_fpn_1x8_1x_coco): 1 GPU x 8 images, LR 0.005
     "retinanet_r18": dict(preset="retinanet", img_size=800, batch_size=8, lr=0.005, lr_batch=8, momentum=0.9,
                           weight_decay=1e-4, epochs=12, schedule="multistep", lr_steps=(8, 11), warmup_iters=500,
-                          warmup_factor=0.001, repeat=1, clip_grad=None, iou_type="bbox", metric="AP"),
+                          warmup_factor=0.001, repeat=1, clip_grad=None, iou_type="bbox", metric="AP",
+                          frozen_stages=1, norm_eval=True),
     # retinanet_r50_fpn_amp-1x_coco.py (the seed's retinanet_r50_fpn_fp16_1x_coco): retinanet_r50_fpn_1x_coco.py
     # (8 GPUs x 2 images; it lowers schedule_1x's LR 0.02 to 0.01) trained with mixed precision (AmpOptimWrapper)
     "retinanet_r50": dict(preset="retinanet", img_size=800, batch_size=2, lr=0.01, lr_batch=16, momentum=0.9,
                           weight_decay=1e-4, epochs=12, schedule="multistep", lr_steps=(8, 11), warmup_iters=500,
-                          warmup_factor=0.001, repeat=1, clip_grad=None, iou_type="bbox", metric="AP"),
+                          warmup_factor=0.001, repeat=1, clip_grad=None, iou_type="bbox", metric="AP",
+                          frozen_stages=1, norm_eval=True),
 }
 
 
-def retinanet_r18(num_classes: int = 80) -> RetinaNet:
-    return RetinaNet(18, num_classes)
+def retinanet_r18(num_classes: int = 80, *, frozen_stages: int = 1, norm_eval: bool = True) -> RetinaNet:
+    return RetinaNet(18, num_classes, frozen_stages=frozen_stages, norm_eval=norm_eval)
 
 
-def retinanet_r50(num_classes: int = 80) -> RetinaNet:
-    return RetinaNet(50, num_classes)
+def retinanet_r50(num_classes: int = 80, *, frozen_stages: int = 1, norm_eval: bool = True) -> RetinaNet:
+    return RetinaNet(50, num_classes, frozen_stages=frozen_stages, norm_eval=norm_eval)
