@@ -194,6 +194,7 @@ def test_lr_is_absolute_and_foreign_checkpoints_are_refused(tmp_path):
     run = train(*TINY, "--synthetic-size", "32", "--epochs", "1", "--workers", "0", "--lr", "0.05",
                 "--output-dir", str(tmp_path / "r18"))
     assert "LR 0.05 (--lr, as given), global batch 16" in run.stdout
+    assert re.search(r"done in \d+:\d\d:\d\d: best top-1 \d", run.stdout)  # the run's total time
     records = [json.loads(line) for line in (tmp_path / "r18" / "log.jsonl").read_text().splitlines()]
     assert {r["lr"] for r in records if r["mode"] == "train"} == {0.05}
     last = str(tmp_path / "r18" / "last.pth")
