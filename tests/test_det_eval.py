@@ -6,7 +6,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from det.eval import STATS, coco_evaluate, to_coco_results
+from det.eval import STATS, coco_evaluate, save_results, to_coco_results
 
 
 def make_gt(images: list[tuple[int, int, int]], boxes: list[tuple[int, int, list[float]]], cat_ids=(3, 7)) -> COCO:
@@ -127,3 +127,14 @@ def test_segm_evaluates_masks_not_boxes():
     with pytest.raises(ValueError, match="unknown iou_type 'keypoints'"):
         coco_evaluate(gt, [], iou_type="keypoints")
 
+
+
+def test_saved_detections_are_what_coco_tools_load(tmp_path):
+    """detections_val.json is COCO's results format: pycocotools' loadRes reads it back and scores it as the list."""
+    gt = make_gt([(1, 300, 300)], [(1, 3, [10, 10, 40, 40])])
+    results = [{"image_id": 1, "category_id": 3, "bbox": [10.0, 10.0, 40.0, 40.0], "score": 0.9}]
+    save_results(results, tmp_path / "out" / "detections_val.json")
+    assert json.loads((tmp_path / "out" / "detections_val.json").read_text()) == results
+    loaded = gt.loadRes(str(tmp_path / "out" / "detections_val.json"))
+    assert loaded.getAnnIds() and loaded.loadAnns(loaded.getAnnIds())[0]["bbox"] == [10.0, 10.0, 40.0, 40.0]
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary file left
