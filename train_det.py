@@ -1,6 +1,6 @@
 """Train and evaluate an object detector on COCO-layout data, or on the built-in synthetic set.
 
-  python train_det.py --model ssd300 --device cpu --epochs 2 --img-size 160       # synthetic shapes, no download
+  python train_det.py --model retinanet_r18 --device cpu --epochs 2 --img-size 128  # synthetic shapes, no download
   python train_det.py --model retinanet_r50 --device npu --data-path /data/coco --backbone-weights r50.pth
   torchrun --nproc_per_node 8 train_det.py --model ssd300 --device npu --data-path /data/coco
 

@@ -71,8 +71,11 @@ def install_stop_handlers() -> None:
 
 
 def stop_requested() -> str | None:
-    """The signal's name once any rank received SIGTERM or SIGINT (every rank gets the same answer), else None."""
-    return _STOP[0] if any_rank(bool(_STOP)) else None
+    """Once any rank received SIGTERM or SIGINT, the signal's name (on the ranks that did not, "a signal on another
+    rank"); every rank gets an answer at the same step. None otherwise."""
+    if not any_rank(bool(_STOP)):
+        return None
+    return _STOP[0] if _STOP else "a signal on another rank"
 
 
 def after_optimizer_step(finite: torch.Tensor, *, epoch: int, batch: int, step: int, args: argparse.Namespace,

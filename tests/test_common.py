@@ -264,3 +264,14 @@ def test_norm_weight_decay_and_start_epoch():
     fresh = ckpt.restore_training_state(None, model=model, optimizer=None, scaler=None, model_ema=None, rank=0,
                                         world_size=1, device=torch.device("cpu"), start_epoch=3, steps_per_epoch=10)
     assert fresh == {"epoch": 3, "batch": 0, "step": 30, "best_metric": float("-inf")}
+
+
+def test_a_signal_on_another_rank_stops_this_one_too(monkeypatch):
+    """A rank that did not receive the signal still gets a name to print, not an IndexError."""
+    from common import loop
+
+    monkeypatch.setattr(loop, "_STOP", [])
+    monkeypatch.setattr(loop, "any_rank", lambda flag: True)  # another rank got SIGTERM
+    assert loop.stop_requested() == "a signal on another rank"
+    monkeypatch.setattr(loop, "any_rank", lambda flag: flag)
+    assert loop.stop_requested() is None
