@@ -64,8 +64,8 @@ def get_args_parser(model: str = "ssd300") -> argparse.ArgumentParser:
                    help="ResNet detectors: backbone stages that train, from the top (torchvision's flag; default: "
                         "5 from scratch, the recipe's 3 over --backbone-weights / --weights)")
     p.add_argument("--norm-eval", action=argparse.BooleanOptionalAction,
-                   help="ResNet detectors: keep the backbone's BatchNorm statistics fixed (default: on over "
-                        "pretrained weights, as mmdet; off from scratch)")
+                   help="ResNet and Darknet detectors: keep the backbone's BatchNorm statistics fixed (default: on "
+                        "over pretrained weights, as mmdet; off from scratch)")
     p.add_argument("--max-gt", type=cli.positive_int, help="objects per image the targets are padded to (default: per "
                    "batch, the smallest of 32, 64, 128, ... that fits); an image with more is an error")
     g = p.add_argument_group(f"recipe (defaults: {model}'s mmdet recipe; run --model M --help for another's)")
@@ -110,36 +110,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def backbone_settings(args: argparse.Namespace, recipe: dict, resume: dict | None) -> dict:
-    """`frozen_stages` / `norm_eval` for a ResNet backbone, decided as torchvision's detection builders decide
-    (`_validate_trainable_layers`): over pretrained weights (--backbone-weights or --weights) the recipe's (mmdet's
-    frozen stem + stage 1, BatchNorm statistics kept), from scratch the whole backbone trains with ordinary
-    BatchNorm: frozen random filters and statistics of mean 0 / variance 1 never learn. --trainable-backbone-layers
-    (stages trained, counted from the top: 5 all, 3 = mmdet's frozen_stages 1, 0 none) and --norm-eval override
-    either; a resumed run keeps what its checkpoint used. {} for backbones without these settings (VGG, MobileNet)."""
-    if "frozen_stages" not in recipe:
-        if args.trainable_backbone_layers is not None or args.norm_eval is not None:
-            raise SystemExit(f"error: --trainable-backbone-layers / --norm-eval are for the ResNet detectors; "
-                             f"{args.model}'s backbone trains whole")
+    """`frozen_stages` / `norm_eval` for a ResNet backbone (`norm_eval` alone for Darknet), decided as torchvision's
+    detection builders decide (`_validate_trainable_layers`): over pretrained weights (--backbone-weights or
+    --weights) the recipe's (mmdet's frozen stem + stage 1, BatchNorm statistics kept), from scratch the whole
+    backbone trains with ordinary BatchNorm: frozen random filters and statistics of mean 0 / variance 1 never
+    learn. --trainable-backbone-layers (ResNet stages trained, from the top: 5 all, 3 = mmdet's frozen_stages 1, 0
+    none) and --norm-eval override either; a resumed run keeps what its checkpoint used. {} for backbones without
+    these settings (VGG, MobileNet)."""
+    keys = [k for k in ("frozen_stages", "norm_eval") if k in recipe]
+    if args.trainable_backbone_layers is not None and "frozen_stages" not in keys:
+        raise SystemExit(f"error: --trainable-backbone-layers counts ResNet stages; {args.model}'s backbone has no "
+                         "such setting" + (" (--norm-eval applies)" if keys else ""))
+    if args.norm_eval is not None and not keys:
+        raise SystemExit(f"error: --norm-eval is for the ResNet and Darknet detectors; {args.model}'s backbone "
+                         "trains whole")
+    if not keys:
         return {}
     if resume is not None:  # checkpoints from before these settings were recorded used the recipe's
-        settings = resume["state"].get("extra", {}).get("backbone", {k: recipe[k] for k in ("frozen_stages",
-                                                                                             "norm_eval")})
-        print0(f"backbone: frozen_stages {settings['frozen_stages']}, norm_eval {settings['norm_eval']}, as the "
-               "resumed checkpoint was trained")
+        settings = resume["state"].get("extra", {}).get("backbone", {k: recipe[k] for k in keys})
+        print0(f"backbone: {', '.join(f'{k} {v}' for k, v in settings.items())}, as the resumed checkpoint was trained")
         return settings
     pretrained = bool(args.backbone_weights or args.weights)
-    frozen = recipe["frozen_stages"] if pretrained else -1
+    settings = {"frozen_stages": recipe["frozen_stages"] if pretrained else -1} if "frozen_stages" in keys else {}
     if args.trainable_backbone_layers is not None:
-        frozen = 4 - args.trainable_backbone_layers
-    norm_eval = (recipe["norm_eval"] if pretrained else False) if args.norm_eval is None else args.norm_eval
+        settings["frozen_stages"] = 4 - args.trainable_backbone_layers
+    settings["norm_eval"] = (recipe["norm_eval"] if pretrained else False) if args.norm_eval is None else args.norm_eval
     why = ("over pretrained weights, the recipe's" if pretrained else
            "no --backbone-weights or --weights: random filters and BatchNorm statistics must learn, as in "
            "torchvision's detection builders without weights")
     if args.trainable_backbone_layers is not None or args.norm_eval is not None:
         why = "set by flags"
-    batch_norm = "statistics frozen (norm_eval)" if norm_eval else "in train mode"
-    print0(f"backbone: {4 - frozen} of 5 stages train, BatchNorm {batch_norm} ({why})")
-    return {"frozen_stages": frozen, "norm_eval": norm_eval}
+    stages = f"{4 - settings['frozen_stages']} of 5 stages train, " if "frozen_stages" in settings else ""
+    batch_norm = "statistics frozen (norm_eval)" if settings["norm_eval"] else "in train mode"
+    print0(f"backbone: {stages}BatchNorm {batch_norm} ({why})")
+    return settings
 
 
 def train_one_epoch(model, optimizer, scaler, loader, device, epoch: int, step: int, lr_of, args,

@@ -1,11 +1,15 @@
-"""Which anchor learns which object: the max-IoU assigner and SSD's hard-negative mining, for a whole batch.
+"""Which anchor learns which object: the max-IoU assigner, YOLOv3's grid assigner and SSD's hard-negative mining, for
+a whole batch.
 
-Both work on ground truth padded to M boxes per image (`valid [B, M]` marks the real ones) and return masks, never
+All work on ground truth padded to M boxes per image (`valid [B, M]` marks the real ones) and return masks, never
 index lists: no `.nonzero()`, boolean indexing, `.item()` or Python loop over images, so the shapes do not depend
-on the data and a training step compiles to one graph. Per-image loop references live in tests/test_det_assign.py.
+on the data and a training step compiles to one graph. Per-image loop references live in the tests
+(tests/test_det_core.py, tests/test_det_yolov3.py).
 """
 import torch
 from torch import Tensor
+
+from det.boxes import box_iou
 
 
 def max_iou_assign(
@@ -43,15 +47,51 @@ def max_iou_assign(
             best_anchor = iou.argmax(dim=1, keepdim=True)  # [B, 1, M], the first best anchor
             is_best = torch.arange(iou.shape[1], device=iou.device)[None, :, None] == best_anchor
         is_best &= gt_valid[:, None, :] & (gt_max >= min_pos_iou)  # [B, A, M]
-        # "last gt wins": the highest gt index among those claiming the anchor
-        order = torch.arange(1, iou.shape[2] + 1, device=iou.device)
-        claim = (is_best * order).amax(dim=2)  # [B, A], 0 = no claim
+        claim = _last_claim(is_best)
         matched = torch.where(claim > 0, claim - 1, matched)
         pos = pos | (claim > 0)
     neg = neg & ~pos
     if anchor_valid is not None:  # their IoU of -1 made them "negative" above
         neg = neg & anchor_valid
     return matched, pos, neg
+
+
+def _last_claim(is_best: Tensor) -> Tensor:
+    """is_best [B, A, M] (gt m claims anchor a) -> [B, A]: 1 + the highest claiming gt index, 0 for none. mmdet
+    loops over the gts in order, so where several claim one anchor the gt listed last wins."""
+    order = torch.arange(1, is_best.shape[2] + 1, device=is_best.device)
+    return (is_best * order).amax(dim=2)
+
+
+def grid_assign(
+    iou: Tensor,
+    responsible: Tensor,
+    gt_valid: Tensor,
+    *,
+    pos_iou_thr: float = 0.5,
+    neg_iou_thr: float = 0.5,
+    min_pos_iou: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """mmdet's GridAssigner (YOLOv3) over a batch, gt_max_assign_all as its default.
+
+    iou: [B, A, M] IoU of every anchor with every padded gt; responsible: [B, A], the anchors of every grid cell
+    that holds some gt's centre on the anchor's level (YOLOv3's "responsible" cells, Redmon & Farhadi 2018 sec.
+    2.1); gt_valid: [B, M]. Returns (matched [B, A], pos [B, A], neg [B, A]) as max_iou_assign.
+
+    Negative: best IoU with any gt <= neg_iou_thr (responsible or not). Positive: a responsible anchor whose best
+    IoU > pos_iou_thr, and every responsible anchor tying for a gt's best responsible IoU (if that is
+    > min_pos_iou; the last gt wins). Non-responsible anchors above neg_iou_thr are ignored.
+    """
+    max_iou = iou.masked_fill(~gt_valid[:, None, :], 0.0).amax(dim=2)  # [B, A]; zero-gt images: all negative
+    neg = max_iou <= neg_iou_thr
+    iou = iou.masked_fill(~responsible[:, :, None] | ~gt_valid[:, None, :], -1.0)  # mmdet: overlaps[:, ~flags] = -1
+    max_iou, matched = iou.max(dim=2)  # [B, A]
+    pos = max_iou > pos_iou_thr
+    gt_max = iou.amax(dim=1, keepdim=True)  # [B, 1, M], each gt's best responsible IoU (-1: none)
+    claim = _last_claim((iou == gt_max) & (gt_max > min_pos_iou))  # padding and non-responsible sit at -1
+    matched = torch.where(claim > 0, claim - 1, matched)
+    pos = pos | (claim > 0)
+    return matched, pos, neg & ~pos
 
 
 def gather_gt(values: Tensor, matched: Tensor) -> Tensor:
@@ -71,3 +111,67 @@ def hard_negative_mask(loss: Tensor, pos: Tensor, neg: Tensor, neg_pos_ratio: in
     neg_loss = loss.detach().masked_fill(~neg, -1.0)  # cross-entropy >= 0, so non-negatives sort last
     rank = neg_loss.argsort(dim=1, descending=True).argsort(dim=1)  # [B, A]: 0 = hardest negative
     return neg & (rank < num_neg[:, None])
+
+
+def simota_assign(
+    pred_boxes: Tensor,
+    pred_scores: Tensor,
+    priors: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_valid: Tensor,
+    *,
+    center_radius: float = 2.5,
+    candidate_topk: int = 10,
+    iou_weight: float = 3.0,
+    cls_weight: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """YOLOX's SimOTA (Ge et al. 2021, sec. 2.2) for a whole batch: mmdet 3.3.0's SimOTAAssigner, image by image.
+
+    pred_boxes [B, A, 4] decoded predictions, pred_scores [B, A, C] class probabilities in (0, 1) (YOLOX passes
+    sqrt(sigmoid(cls) * sigmoid(obj))), priors [A, 4] (x, y, stride_w, stride_h): the points tested against the
+    boxes, gt_boxes [B, M, 4], gt_labels [B, M], gt_valid [B, M]. Returns (matched [B, A] gt index, pos [B, A],
+    pos_iou [B, A] IoU of each positive's prediction with its gt, 0 elsewhere).
+
+    Candidates are the priors inside some gt box or inside some gt's centre square (+-center_radius strides), both
+    strictly. Cost of a candidate for a gt: cls_weight x the BCE of its scores against the gt's one-hot label +
+    iou_weight x -log(IoU + 1e-7) + 1e5 unless it lies in both the box and the centre square of that gt. Each gt
+    takes its k cheapest candidates, k = int(sum of its `candidate_topk` best candidate IoUs), at least 1; a prior
+    taken by several gts goes to its cheapest gt among all of them (mmdet's rule, which may be one that did not
+    take it). mmdet's per-gt topk(k) with a data-dependent k becomes a rank mask over the `candidate_topk` cheapest
+    (k never exceeds it: IoUs are at most 1), padded gts cost +inf and take nobody, non-candidates are never taken.
+    The result is mmdet's up to exact ties: its BCE sums 80 terms in another order, which can only reorder costs
+    within float32 rounding.
+    """
+    inf = 100000.0  # mmdet sim_ota_assigner.py INF
+    xy, stride = priors[None, :, None, :2], priors[None, :, None, 2:]  # [1, A, 1, 2]
+    top_left, bottom_right = gt_boxes[:, None, :, :2], gt_boxes[:, None, :, 2:]  # [B, 1, M, 2]
+    # get_in_gt_and_in_center_info: min(l, t, r, b) > 0 is each difference > 0, i.e. each comparison strict
+    in_gt = (xy > top_left).all(-1) & (bottom_right > xy).all(-1)  # [B, A, M]
+    centre = (top_left + bottom_right) / 2.0
+    in_centre = (xy > centre - center_radius * stride).all(-1) & (centre + center_radius * stride > xy).all(-1)
+    in_gt, in_centre = in_gt & gt_valid[:, None, :], in_centre & gt_valid[:, None, :]
+    candidate = (in_gt | in_centre).any(dim=2)  # [B, A] mmdet's valid_mask
+
+    iou = box_iou(pred_boxes, gt_boxes)  # [B, A, M]
+    # BCE summed over classes against a one-hot label = sum over all classes of -log(1 - p), then the label's term
+    # swapped for -log(p); logs clamped at -100 as F.binary_cross_entropy clamps them
+    log_p, log_not_p = pred_scores.log().clamp(min=-100), (1 - pred_scores).log().clamp(min=-100)  # [B, A, C]
+    labels = gt_labels[:, None, :].expand(-1, pred_scores.shape[1], -1)  # [B, A, M]
+    cls_cost = -log_not_p.sum(-1, keepdim=True) - log_p.gather(2, labels) + log_not_p.gather(2, labels)
+    cost = cls_cost * cls_weight + -torch.log(iou + 1e-7) * iou_weight + (~(in_gt & in_centre)) * inf
+    cost = cost.masked_fill(~(candidate[:, :, None] & gt_valid[:, None, :]), float("inf"))  # [B, A, M]
+
+    # dynamic_k_matching: k from each gt's best candidate IoUs (non-candidates add 0, as if absent)
+    topk = min(candidate_topk, iou.shape[1])
+    best_ious = iou.masked_fill(~candidate[:, :, None], 0.0).topk(topk, dim=1).values  # [B, topk, M]
+    dynamic_k = best_ious.sum(1).int().clamp(min=1) * gt_valid  # [B, M], 0 for padding
+    cheapest = cost.topk(topk, dim=1, largest=False).indices  # [B, topk, M]
+    rank = torch.arange(topk, device=cost.device)[None, :, None]
+    matching = torch.zeros_like(cost, dtype=torch.bool).scatter(1, cheapest, rank < dynamic_k[:, None, :])
+    matching &= candidate[:, :, None]  # a gt with k=1 in an image without candidates would take an +inf prior
+    num_matches = matching.sum(dim=2)  # [B, A]
+    matched = torch.where(num_matches > 1, cost.argmin(dim=2), matching.int().argmax(dim=2))
+    pos = num_matches > 0
+    pos_iou = iou.gather(2, matched[..., None]).squeeze(2) * pos  # [B, A]
+    return matched, pos, pos_iou

@@ -1,7 +1,7 @@
 """Detection data: COCO-layout folders or the built-in synthetic COCO set, transforms v2 presets, padded batches.
 
 A batch is `(images, targets, metas)` whose shapes are static, so a graph compiler (Ascend) sees a handful of shapes:
-- images:  uint8 [B, 3, H, W] on the preset's canvas (det/presets.py), padded bottom/right with MEAN_COLOR; the model
+- images:  uint8 [B, 3, H, W] on the preset's canvas (det/presets.py), padded bottom/right with its "fill"; the model
            normalises on the device
 - targets: {"boxes": float32 [B, M, 4] xyxy canvas pixels, "labels": int64 [B, M] in 0..C-1, "valid": bool [B, M],
            "image_size": int64 [B, 2] (h, w) of each image inside the canvas}; padded rows are 0, 0, False.
@@ -30,7 +30,7 @@ from torchvision.transforms.v2 import functional as F
 from common.dist import barrier, is_main_process, print0
 from common.images import to_rgb
 from common.sampling import ResumableBatches, SeededDataset
-from det.presets import MEAN_COLOR, get_preset
+from det.presets import get_preset
 from det.synthetic_coco import default_cache, synthetic_coco
 
 REQUIRED_FIELDS = {"images": ("id", "file_name", "width", "height"), "categories": ("id", "name"),
@@ -180,13 +180,14 @@ def collate(batch: Sequence[tuple], *, max_gt: int | None, preset: str,
     orientations apart."""
     images, targets, metas = zip(*batch, strict=True)
     landscape = metas[0]["orig_size"][1] >= metas[0]["orig_size"][0]
-    height, width = get_preset(preset)["canvas_size"](img_size, landscape)
+    preset_fns = get_preset(preset)
+    height, width = preset_fns["canvas_size"](img_size, landscape)
     counts = [len(t["labels"]) for t in targets]
     if max_gt is None:  # 32, 64, 128, ...: a few shapes over a run, as mmdet's Ascend heads pad
         max_gt = 32
         while max_gt < max(counts):
             max_gt *= 2
-    out = torch.tensor(MEAN_COLOR, dtype=torch.uint8).view(1, 3, 1, 1).repeat(len(images), 1, height, width)
+    out = torch.tensor(preset_fns["fill"], dtype=torch.uint8).view(1, 3, 1, 1).repeat(len(images), 1, height, width)
     boxes = torch.zeros(len(images), max_gt, 4)
     labels = torch.zeros(len(images), max_gt, dtype=torch.int64)
     valid = torch.zeros(len(images), max_gt, dtype=torch.bool)

@@ -29,7 +29,8 @@ def topk_candidates(
     """mmdet's `filter_scores_and_topk`, per level and for a whole batch: the `nms_pre` highest (anchor, class)
     scores above `score_thr` of each level, concatenated.
 
-    scores [B, A, C] (class probabilities), boxes [B, A, 4] decoded, A = sum(level_sizes).
+    scores [B, A, C] (class probabilities), boxes [B, A, D] decoded (D = 4, or more where a head carries a
+    per-anchor factor along, as YOLOv3 its objectness), A = sum(level_sizes).
     Returns candidates [B, K, ...] with K = sum over levels of min(nms_pre, A_l * C); `valid` marks the real ones.
     """
     num_classes = scores.shape[2]
@@ -38,7 +39,7 @@ def topk_candidates(
         flat = level_scores.flatten(1)  # [B, A_l * C], anchor-major as mmdet flattens it
         top, index = flat.topk(min(nms_pre, flat.shape[1]), dim=1)
         anchor = torch.div(index, num_classes, rounding_mode="floor")
-        picked = level_boxes.gather(1, anchor[..., None].expand(-1, -1, 4))
+        picked = level_boxes.gather(1, anchor[..., None].expand(-1, -1, level_boxes.shape[2]))
         out.append((picked, top, index % num_classes, top > score_thr))
     return tuple(torch.cat(parts, dim=1) for parts in zip(*out, strict=True))
 

@@ -1,9 +1,10 @@
 """Data presets: how a detector family's images reach its canvas, as plain functions per preset.
 
-A preset is three functions, in a plain dict: "canvas_size" (img_size, landscape) -> (H, W) of the canvas a batch
-lies on, "train_transforms" img_size -> the training transforms and "eval_transforms" img_size -> the evaluation
-transforms of (image, {"boxes", "labels"}), in torchvision transforms v2 (boxes follow the image). `PRESETS` maps a
-recipe's "preset" name to them; a new family (YOLO, CenterNet, SOLO) adds its three functions and one entry.
+A preset is three functions and a colour, in a plain dict: "canvas_size" (img_size, landscape) -> (H, W) of the
+canvas a batch lies on, "train_transforms" img_size -> the training transforms and "eval_transforms" img_size -> the
+evaluation transforms of (image, {"boxes", "labels"}), in torchvision transforms v2 (boxes follow the image), and
+"fill": the RGB colour of the canvas around a smaller image (what the model's preprocessing maps padding to in
+mmdet). `PRESETS` maps a recipe's "preset" name to them; a new family adds its functions and one entry.
 """
 import math
 
@@ -28,12 +29,16 @@ def ssd_train_transforms(img_size: int) -> v2.Compose:
         v2.RandomIoUCrop(min_scale=0.3, sampler_options=[0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0], trials=50),
         v2.Resize((img_size, img_size), antialias=True),
         v2.RandomHorizontalFlip(0.5),
-        # mmdet: brightness +-32 of 255 (added; here a factor of 1 +- 32/255), contrast and saturation 0.5-1.5,
-        # hue +-18 degrees (0.05 of the circle), channel swap; each with p 0.5
-        v2.RandomPhotometricDistort(brightness=(1 - 32 / 255, 1 + 32 / 255), contrast=(0.5, 1.5),
-                                    saturation=(0.5, 1.5), hue=(-0.05, 0.05), p=0.5),
+        photometric_distortion(),
         v2.SanitizeBoundingBoxes(),
     ])
+
+
+def photometric_distortion() -> v2.RandomPhotometricDistort:
+    """mmdet's PhotoMetricDistortion defaults: brightness +-32 of 255 (added; here a factor of 1 +- 32/255),
+    contrast and saturation 0.5-1.5, hue +-18 degrees (0.05 of the circle), channel swap; each with p 0.5."""
+    return v2.RandomPhotometricDistort(brightness=(1 - 32 / 255, 1 + 32 / 255), contrast=(0.5, 1.5),
+                                       saturation=(0.5, 1.5), hue=(-0.05, 0.05), p=0.5)
 
 
 def ssd_eval_transforms(img_size: int) -> v2.Compose:
@@ -67,11 +72,45 @@ def retinanet_eval_transforms(img_size: int) -> v2.Compose:
     return v2.Compose([_keep_ratio_resize(img_size)])
 
 
+# yolov3 (configs/yolo/yolov3_d53_8xb8-ms-608-273e_coco.py): keep-ratio resize so the long side is img_size (608) at
+# test, and a random 320-608 (scaled with img_size) at training, on a fixed square canvas: mmdet pads each batch to
+# its largest image, we pad to the largest possible one, so every step has the same shape.
+def yolov3_canvas_size(img_size: int, landscape: bool) -> tuple[int, int]:
+    side = 32 * math.ceil(img_size / 32)  # Darknet's stride 32: the neck concatenates maps of exactly 2x
+    return side, side
+
+
+def _long_side_resize(long: int) -> v2.Resize:
+    return v2.Resize(size=None, max_size=long, antialias=True)  # keep ratio, longer side = `long`
+
+
+def yolov3_train_transforms(img_size: int) -> v2.Compose:
+    """Expand onto black up to 2x (mmdet's mean 0), MinIoURandomCrop (min IoU 0.4-0.9 or none), keep-ratio resize
+    to a long side among 10 scales from 320/608 x img_size to img_size (mmdet draws the scale uniformly from
+    320-608), flip, PhotoMetricDistortion; boxes cut away or shrunk under 1 px are dropped."""
+    longs = sorted({round(img_size * k / 19) for k in range(10, 20)})  # 320 / 32 = 10 ... 608 / 32 = 19
+    return v2.Compose([
+        v2.RandomZoomOut(fill={tv_tensors.Image: (0, 0, 0), "others": 0}, side_range=(1.0, 2.0), p=0.5),
+        v2.RandomIoUCrop(min_scale=0.3, sampler_options=[0.0, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], trials=50),
+        v2.RandomChoice([_long_side_resize(long) for long in longs]),
+        v2.RandomHorizontalFlip(0.5),
+        photometric_distortion(),
+        v2.SanitizeBoundingBoxes(),
+    ])
+
+
+def yolov3_eval_transforms(img_size: int) -> v2.Compose:
+    return v2.Compose([_long_side_resize(img_size)])
+
+
 PRESETS = {
     "ssd": {"canvas_size": ssd_canvas_size, "train_transforms": ssd_train_transforms,
-            "eval_transforms": ssd_eval_transforms},
+            "eval_transforms": ssd_eval_transforms, "fill": MEAN_COLOR},
     "retinanet": {"canvas_size": retinanet_canvas_size, "train_transforms": retinanet_train_transforms,
-                  "eval_transforms": retinanet_eval_transforms},
+                  "eval_transforms": retinanet_eval_transforms, "fill": MEAN_COLOR},
+    # mmdet normalises YOLOv3's images to RGB / 255 and pads them with 0: black
+    "yolov3": {"canvas_size": yolov3_canvas_size, "train_transforms": yolov3_train_transforms,
+               "eval_transforms": yolov3_eval_transforms, "fill": (0, 0, 0)},
 }
 
 

@@ -1,4 +1,5 @@
-"""Detections compared as sets, portably across CPUs: `assert_same_detections`.
+"""Detections compared as sets, portably across CPUs (`assert_same_detections`), and the batch every mmdet fixture
+was recorded on (`fixture_batch`).
 
 The mmdet fixtures were recorded on one CPU. On another (AVX2 instead of AVX-512, another thread count) the float32
 sums inside every conv and reduction run in another order, so logits and deltas differ in their last bits (~1e-6
@@ -80,3 +81,26 @@ def assert_same_detections(
     problems += [f"returned {_describe(r)}: not expected" for r in extra if not forgiven(r, theirs)]
     assert not problems, (f"{len(ours)} detections returned, {len(theirs)} expected (box tol {box_tol:.4f} px, "
                           f"score tol {score_tol}):\n" + "\n".join(problems[:10]))
+
+
+CANVAS = (256, 320)  # (h, w), small for CI; a multiple of 32 as the mmdet data preprocessor pads to
+
+
+def fixture_batch(max_gt: int = 4) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Three random uint8 images on one canvas: a full-canvas image with three objects, a 200x250 image with three
+    (one touching its bottom-right corner, so the canvas padding matters) and a 160x192 image with none."""
+    images = torch.randint(0, 256, (3, 3, *CANVAS), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    objects = [
+        ([[20, 30, 120, 150], [150, 60, 310, 250], [200, 10, 230, 40]], [0, 17, 79]),
+        ([[10, 10, 90, 80], [130, 90, 250, 200], [60, 100, 180, 190]], [5, 42, 5]),
+        ([], []),
+    ]
+    boxes = torch.zeros(3, max_gt, 4)
+    labels = torch.zeros(3, max_gt, dtype=torch.long)
+    valid = torch.zeros(3, max_gt, dtype=torch.bool)
+    for i, (b, lab) in enumerate(objects):
+        boxes[i, :len(b)] = torch.tensor(b, dtype=torch.float32).reshape(-1, 4)
+        labels[i, :len(lab)] = torch.tensor(lab, dtype=torch.long)
+        valid[i, :len(b)] = True
+    image_size = torch.tensor([[256, 320], [200, 250], [160, 192]])
+    return images, {"boxes": boxes, "labels": labels, "valid": valid, "image_size": image_size}

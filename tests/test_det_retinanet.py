@@ -17,33 +17,10 @@ from det.anchors import grid_anchors, octave_base_anchors
 from det.backbones import ResNetBackbone
 from det.fpn import FPN
 from det.models import retinanet
-from tests.det_compare import LOSS_REL, assert_same_detections
+from tests.det_compare import CANVAS, LOSS_REL, assert_same_detections, fixture_batch
 from tests.mmpretrain_fixture import seeded_state_dict
 
 DATA = Path(__file__).parent / "data"
-CANVAS = (256, 320)  # (h, w), small for CI; a multiple of 32 as the mmdet data preprocessor pads to
-
-
-def fixture_batch(max_gt: int = 4) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Three random uint8 images on one canvas: a full-canvas image with three objects, a 200x250 image with three
-    (one touching its bottom-right corner, so the canvas padding matters) and a 160x192 image with none."""
-    images = torch.randint(0, 256, (3, 3, *CANVAS), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    objects = [
-        ([[20, 30, 120, 150], [150, 60, 310, 250], [200, 10, 230, 40]], [0, 17, 79]),
-        ([[10, 10, 90, 80], [130, 90, 250, 200], [60, 100, 180, 190]], [5, 42, 5]),
-        ([], []),
-    ]
-    boxes = torch.zeros(3, max_gt, 4)
-    labels = torch.zeros(3, max_gt, dtype=torch.long)
-    valid = torch.zeros(3, max_gt, dtype=torch.bool)
-    for i, (b, lab) in enumerate(objects):
-        boxes[i, :len(b)] = torch.tensor(b, dtype=torch.float32).reshape(-1, 4)
-        labels[i, :len(lab)] = torch.tensor(lab, dtype=torch.long)
-        valid[i, :len(b)] = True
-    image_size = torch.tensor([[256, 320], [200, 250], [160, 192]])
-    return images, {"boxes": boxes, "labels": labels, "valid": valid, "image_size": image_size}
-
-
 def fixture_state_dict(keys: list[tuple[str, list[int]]]) -> dict[str, torch.Tensor]:
     """Seeded weights, with the classifier bias moved to the focal-loss prior so scores look like a detector's
     (mostly below the 0.05 threshold) rather than all near 0.5."""

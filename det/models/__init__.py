@@ -5,8 +5,8 @@ A family file (det/models/<family>.py: blocks, model class, builders at the bott
   (images, targets) in training -> {"loss_*": scalar}, (images, image_size=None) in eval -> padded detections
   {"boxes" [B, K, 4], "scores", "labels", "valid" [B, K]};
 - `RECIPES`: {name: dict(preset, img_size, batch_size, lr, ..., iou_type, metric)} for each of its builders, plus
-  `frozen_stages` and `norm_eval` where the builder takes them (a ResNet backbone: its settings over ImageNet
-  weights; train_det.py trains the whole backbone without weights);
+  `frozen_stages` and `norm_eval` where the builder takes them (ResNet: both, Darknet: norm_eval; the backbone's
+  settings over ImageNet weights; train_det.py trains the whole backbone without weights);
 - `from_mmdet(state_dict) -> state_dict`: mmdet's parameter names onto ours (the identity where they agree);
 - `load_backbone_weights(model, checkpoint) -> {"missing", "unexpected", "shape_mismatch"}`: an ImageNet
   classification checkpoint (ours, torchvision's or mmpretrain's) into the model's backbone.
@@ -18,21 +18,23 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from det.models import retinanet, ssd, ssdlite
+from det.models import retinanet, ssd, ssdlite, yolov3
 
-FAMILIES = (ssd, ssdlite, retinanet)
+FAMILIES = (ssd, ssdlite, retinanet, yolov3)
 MODELS = {
     "ssd300": ssd.ssd300,
     "ssd512": ssd.ssd512,
     "ssdlite_mobilenet_v2": ssdlite.ssdlite_mobilenet_v2,
     "retinanet_r18": retinanet.retinanet_r18,
     "retinanet_r50": retinanet.retinanet_r50,
+    "yolov3_d53": yolov3.yolov3_d53,
 }
 RECIPES = {name: recipe for f in FAMILIES for name, recipe in f.RECIPES.items()}  # the mmdet configs' recipes
 
 
 def build_model(name: str, num_classes: int = 80, **backbone) -> nn.Module:
-    """`backbone`: the ResNet detectors' `frozen_stages` and `norm_eval` (recipes that have them name them)."""
+    """`backbone`: the ResNet detectors' `frozen_stages` and `norm_eval`, YOLOv3's `norm_eval` (recipes that have
+    them name them)."""
     if name not in MODELS:
         raise ValueError(f"unknown detector {name!r}; choose one of: {', '.join(MODELS)}")
     return MODELS[name](num_classes=num_classes, **backbone)
