@@ -1,10 +1,10 @@
-"""Which anchor learns which object: the max-IoU assigner, YOLOv3's grid assigner and SSD's hard-negative mining, for
-a whole batch.
+"""Which anchor learns which object: the max-IoU assigner, YOLOv3's grid assigner, YOLOX's SimOTA and SSD's
+hard-negative mining, for a whole batch.
 
 All work on ground truth padded to M boxes per image (`valid [B, M]` marks the real ones) and return masks, never
 index lists: no `.nonzero()`, boolean indexing, `.item()` or Python loop over images, so the shapes do not depend
 on the data and a training step compiles to one graph. Per-image loop references live in the tests
-(tests/test_det_core.py, tests/test_det_yolov3.py).
+(tests/test_det_core.py, tests/test_det_yolov3.py, tests/test_det_yolox.py).
 """
 import torch
 from torch import Tensor

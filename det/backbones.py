@@ -33,7 +33,10 @@ class ResNetBackbone(resnet.ResNet):
     def __init__(self, depth: int, *, frozen_stages: int = 1, norm_eval: bool = True) -> None:
         if depth not in RESNET_ARCHS:
             raise ValueError(f"no ResNet of depth {depth}; choose one of {sorted(RESNET_ARCHS)}")
-        super().__init__(*RESNET_ARCHS[depth])
+        # torchvision's init (zero_init_residual=False), not mmcls's: it only matters without pretrained weights,
+        # and there residual branches that start at zero pass almost no gradient to their first layers while the
+        # head (N(0, 0.01) towers) is still tiny, so SGD from scratch sat at the focal-loss prior for epochs
+        super().__init__(*RESNET_ARCHS[depth], zero_init_residual=False)
         self.depth, self.frozen_stages, self.norm_eval = depth, frozen_stages, norm_eval
         self.fc = nn.Identity()  # detection uses the stages (C2-C5) only
         out = 64 * RESNET_ARCHS[depth][0].expansion

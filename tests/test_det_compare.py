@@ -1,9 +1,11 @@
 """tests/det_compare.py, the set comparison of detections the mmdet fixture tests use: it forgives what differs
-between CPUs (order among near-equal scores, a tie at the max_det cut, last-bit noise) and nothing else."""
+between CPUs (order among near-equal scores, a tie at the max_det cut, last-bit noise) and nothing else; and
+tests/graph_check.py, which must fail on a host sync."""
 import pytest
 import torch
 
 from tests.det_compare import assert_same_detections
+from tests.graph_check import compiled_outputs
 
 CANVAS = 320
 MAX_DET = 6
@@ -80,3 +82,13 @@ def test_rejects_a_tie_that_is_not_at_the_cut_when_not_full():
     got["boxes"][4] = torch.tensor([200.0, 200, 260, 270])  # the lowest one replaced: no cut at 5 < max_det
     with pytest.raises(AssertionError, match="not returned"):
         check(got, rec)
+
+
+@pytest.mark.parametrize("step", [lambda x: x * (x > 0).sum().item(), lambda x: x[x > 0].sum(),
+                                  lambda x: x.nonzero().float().sum()], ids=["item", "boolean-index", "nonzero"])
+def test_graph_check_fails_on_host_syncs(step):
+    """tests/graph_check.py catches what fullgraph=True lets through in torch 2.14, and passes a clean step."""
+    x = torch.randn(6, requires_grad=True)
+    torch.testing.assert_close(compiled_outputs(lambda x: (2 * x).sum(), x), (2 * x).sum())
+    with pytest.raises(AssertionError, match="host syncs"):
+        compiled_outputs(step, x)

@@ -18,6 +18,7 @@ from det.backbones import ResNetBackbone
 from det.fpn import FPN
 from det.models import retinanet
 from tests.det_compare import CANVAS, LOSS_REL, assert_same_detections, fixture_batch
+from tests.graph_check import compiled_outputs
 from tests.mmpretrain_fixture import seeded_state_dict
 
 DATA = Path(__file__).parent / "data"
@@ -148,7 +149,6 @@ def test_assignment_and_loss_compile_without_graph_breaks():
         valid = retinanet.anchor_valid_mask(targets["image_size"], sizes, retinanet.STRIDES, retinanet.NUM_ANCHORS)
         return retinanet.retinanet_loss(cls_logits, box_deltas, anchors, valid, targets)
 
-    compiled = torch.compile(step, fullgraph=True, dynamic=False, backend="aot_eager")
     g = torch.Generator().manual_seed(3)
     targets = empty_targets(2, 3, [[128, 160], [96, 100]])
     targets["boxes"][0, :2] = torch.tensor([[10.0, 20, 60, 90], [70, 10, 150, 120]])
@@ -156,7 +156,8 @@ def test_assignment_and_loss_compile_without_graph_breaks():
     targets["valid"][0, :2] = True  # image 1: no objects
     cls_logits = torch.randn(2, len(anchors), 80, generator=g) - 3
     box_deltas = torch.randn(2, len(anchors), 4, generator=g) * 0.1
-    got, want = compiled(cls_logits, box_deltas, anchors, targets), step(cls_logits, box_deltas, anchors, targets)
+    got = compiled_outputs(step, cls_logits, box_deltas, anchors, targets)
+    want = step(cls_logits, box_deltas, anchors, targets)
     for key in want:
         torch.testing.assert_close(got[key], want[key])
 
@@ -230,8 +231,7 @@ def test_train_forward_compiles_as_one_graph():
     images = torch.randint(0, 256, (2, 3, 128, 160), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
     targets = empty_targets(2, 2, [[128, 160], [90, 130]])
     targets["boxes"][1, 0], targets["labels"][1, 0], targets["valid"][1, 0] = torch.tensor([5.0, 8, 80, 70]), 11, True
-    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
-    got, want = compiled(images, targets), model(images, targets)
+    got, want = compiled_outputs(model, images, targets), model(images, targets)
     for key in want:
         torch.testing.assert_close(got[key], want[key])
 
@@ -241,6 +241,9 @@ def test_from_scratch_backbone_trains_whole_with_batchnorm_statistics():
     BatchNorms update their running statistics; the recipe's builder defaults keep mmdet's freezing."""
     model = retinanet.retinanet_r18(frozen_stages=-1, norm_eval=False).train()
     assert all(p.requires_grad for p in model.backbone.parameters())
+    # torchvision's init: no residual branch starts at zero (mmcls's zero_init_residual), so gradients reach them
+    assert all(block.bn2.weight.min() == 1 for layer in (model.backbone.layer1, model.backbone.layer4)
+               for block in layer)
     before = model.backbone.bn1.running_var.clone()
     images = torch.randint(0, 256, (2, 3, 96, 160), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     model(images, empty_targets(2, 4, [[96, 160], [96, 160]]))

@@ -14,6 +14,7 @@ from det.boxes import box_iou
 from det.darknet import Darknet
 from det.models import yolov3
 from tests.det_compare import CANVAS, LOSS_REL, assert_same_detections, fixture_batch
+from tests.graph_check import compiled_outputs
 from tests.mmpretrain_fixture import seeded_state_dict
 
 DATA = Path(__file__).parent / "data"
@@ -160,8 +161,7 @@ def test_train_forward_compiles_as_one_graph():
     images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     targets = empty_targets(2, 2, 64, 96)
     targets["boxes"][0, 0], targets["labels"][0, 0], targets["valid"][0, 0] = torch.tensor([4.0, 6, 60, 50]), 2, True
-    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
-    got = compiled(images, targets)
+    got = compiled_outputs(model, images, targets)
     want = model(images, targets)
     for key in want:
         torch.testing.assert_close(got[key], want[key])
@@ -191,3 +191,13 @@ def test_backbone_weights_load_from_a_detector_or_a_darknet_checkpoint():
     torch.testing.assert_close(model.backbone.conv1.conv.weight, donor.backbone.conv1.conv.weight)
     report = yolov3.load_backbone_weights(model, Darknet().state_dict())
     assert report == {"missing": [], "unexpected": [], "shape_mismatch": []}
+
+
+def test_bench_runs_a_model_without_twin(monkeypatch, capsys):
+    """det.bench times our step and its assignment + loss share for a detector torchvision has no twin of."""
+    from det import bench
+    monkeypatch.setattr("sys.argv", ["bench", "--model", "yolov3_d53", "--img-size", "64", "--iters", "1",
+                                     "--warmup", "0", "--repeats", "1", "--num-classes", "3"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "yolov3_d53" in out and "assignment + loss" in out and "torchvision" not in out
