@@ -130,8 +130,13 @@ def test_backbone_trains_whole_without_weights_and_frozen_over_them(tmp_path, ca
     out = train(*TINY, "--epochs", "1", "--workers", "0", "--backbone-weights", str(tmp_path / "r18.pth"),
                 "--trainable-backbone-layers", "5", "--no-norm-eval", "--output-dir", str(tmp_path / "flags"))
     assert "backbone: 5 of 5 stages train, BatchNorm in train mode (set by flags)" in out.stdout
-    ssd = train("--model", "ssdlite_mobilenet_v2", "--trainable-backbone-layers", "3", expect_ok=False)
-    assert ssd.returncode == 1 and "for the ResNet detectors" in ssd.stderr
+    small = ["--device", "cpu", "--synthetic-size", "16", "--output-dir", str(tmp_path / "refused")]
+    ssd = train("--model", "ssdlite_mobilenet_v2", *small, "--trainable-backbone-layers", "3", expect_ok=False)
+    assert ssd.returncode == 1 and "counts ResNet stages" in ssd.stderr
+    ssd = train("--model", "ssdlite_mobilenet_v2", *small, "--norm-eval", expect_ok=False)
+    assert ssd.returncode == 1 and "is for the ResNet and Darknet detectors" in ssd.stderr
+    yolo = train("--model", "yolov3_d53", *small, "--trainable-backbone-layers", "3", expect_ok=False)
+    assert yolo.returncode == 1 and "counts ResNet stages" in yolo.stderr and "--norm-eval applies" in yolo.stderr
 
 
 def test_mmdet_checkpoint_names_load():
@@ -176,3 +181,19 @@ def test_retinanet_learns_synthetic_shapes(tmp_path, cache, synthetic_resnet18):
     stats = json.loads((tmp_path / "coco_bbox_summary.json").read_text())
     print("synthetic RetinaNet-R18:", {k: round(v, 3) for k, v in stats.items()})
     assert stats["AP50"] > 0.15
+
+
+def test_darknet_backbone_settings_follow_the_weights_rule(capsys):
+    """YOLOv3's Darknet has mmdet's norm_eval and nothing frozen: BatchNorm trains from scratch, keeps its
+    statistics over weights, and --norm-eval decides either way."""
+    from det.models import RECIPES
+    from train_det import backbone_settings, parse_args
+
+    def settings(*flags: str) -> dict:
+        return backbone_settings(parse_args(["--model", "yolov3_d53", *flags]), RECIPES["yolov3_d53"], None)
+
+    assert settings() == {"norm_eval": False}
+    assert "backbone: BatchNorm in train mode (no --backbone-weights" in capsys.readouterr().out
+    assert settings("--backbone-weights", "darknet53.pth") == {"norm_eval": True}
+    assert settings("--backbone-weights", "darknet53.pth", "--no-norm-eval") == {"norm_eval": False}
+    assert settings("--norm-eval") == {"norm_eval": True}
