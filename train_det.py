@@ -39,11 +39,12 @@ from det import data
 from det.eval import coco_evaluate, save_results, to_coco_results
 from det.models import MODELS, RECIPES, build_model, load_backbone_weights, to_our_names
 
-# recipe key -> flag destination: the recipe's values are the flags' defaults (and what --help shows)
-RECIPE_FLAGS = {"img_size": "img_size", "batch_size": "batch_size", "lr": "blr", "lr_batch": "lr_batch",
-                "momentum": "momentum", "weight_decay": "weight_decay", "epochs": "epochs", "schedule": "lr_scheduler",
-                "lr_steps": "lr_steps", "warmup_iters": "warmup_iters", "warmup_factor": "warmup_factor",
-                "repeat": "repeat", "clip_grad": "clip_grad"}
+# recipe key -> flag destination: the recipe's values are the flags' defaults (and what --help shows); every recipe
+# has the first keys, the optional ones (from norm_weight_decay on) only where its config departs from the default
+RECIPE_FLAGS = {"lr": "blr", "schedule": "lr_scheduler"} | {key: key for key in (
+    "img_size", "batch_size", "lr_batch", "momentum", "weight_decay", "epochs", "lr_steps", "warmup_iters",
+    "warmup_factor", "repeat", "clip_grad", "norm_weight_decay", "nesterov", "warmup", "min_lr_ratio", "hold_epochs",
+    "ema", "ema_decay", "ema_gamma")}
 
 
 def get_args_parser(model: str = "ssd300") -> argparse.ArgumentParser:
@@ -82,22 +83,31 @@ def get_args_parser(model: str = "ssd300") -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=cli.non_negative_float, help="SGD momentum")
     g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=cli.non_negative_float,
                    help="weight decay of conv and linear weights")
-    g.add_argument("--norm-weight-decay", type=cli.non_negative_float, default=0.0,
-                   help="weight decay of norm layers and biases")
+    g.add_argument("--norm-weight-decay", type=cli.non_negative_float,
+                   help="weight decay of norm layers and biases (default: --wd's, as mmdet decays every parameter "
+                        "unless a config says otherwise)")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="Nesterov SGD")
     g.add_argument("--lr-scheduler", "--schedule", type=cli.scheduler_name, choices=["multistep", "cosine"],
                    help="multistep: x0.1 at each of --lr-steps; cosine: down to 0 at the end (torchvision's "
                         "multisteplr, cosineannealinglr too)")
     g.add_argument("--lr-steps", type=cli.positive_int, nargs="+", help="multistep: epochs where the LR drops x0.1")
-    g.add_argument("--warmup-iters", type=cli.non_negative_int, help="linear warmup iterations")
+    g.add_argument("--warmup-iters", type=cli.non_negative_int, help="warmup iterations")
+    g.add_argument("--warmup", default="linear", choices=["linear", "quadratic"],
+                   help="warmup shape: linear from --warmup-factor, or quadratic from 0 (mmdet's YOLOX)")
     g.add_argument("--lr-warmup-epochs", type=cli.non_negative_int,
                    help="warmup over this many epochs instead of --warmup-iters")
     g.add_argument("--warmup-factor", type=cli.non_negative_float, help="LR factor at the first warmup iteration")
+    g.add_argument("--min-lr-ratio", type=cli.non_negative_float, default=0.0,
+                   help="cosine: the final LR as a fraction of the LR")
+    g.add_argument("--hold-epochs", type=cli.non_negative_int, default=0,
+                   help="cosine: the last epochs stay at the final LR (YOLOX: 15)")
     g.add_argument("--repeat", type=cli.positive_int, help="passes over the data set per epoch (mmdet's RepeatDataset)")
     g.add_argument("--clip-grad", "--clip-grad-norm", type=cli.non_negative_float,
                    help="clip the gradient norm to this (None, 0: off)")
     g.add_argument("--accum-steps", type=cli.positive_int, default=1, help="micro-batches per optimizer step")
-    p.set_defaults(**{flag: RECIPES[model][key] for key, flag in RECIPE_FLAGS.items()})
     add_runtime_args(p, output_dir="output/det")
+    # after every add_argument: an explicit default given later would win over set_defaults
+    p.set_defaults(**{flag: RECIPES[model][key] for key, flag in RECIPE_FLAGS.items() if key in RECIPES[model]})
     return p
 
 
@@ -248,8 +258,9 @@ def main(args: argparse.Namespace) -> None:
                f"x global batch {global_batch} / {args.lr_batch} (linear scaling; --lr sets the LR itself)")
     else:
         print0(f"{args.model}: canvas {args.img_size}, LR {args.lr:g} (--lr, as given), global batch {global_batch}")
+    norm_weight_decay = args.weight_decay if args.norm_weight_decay is None else args.norm_weight_decay
     optimizer = build_optimizer(args.opt, model_without_ddp, args.lr, args.momentum, args.weight_decay,
-                                args.norm_weight_decay)
+                                norm_weight_decay, nesterov=args.nesterov)
     scaler = grad_scaler(device, args.amp)
     steps_per_epoch = len(train_loader) // args.accum_steps
     if steps_per_epoch == 0:
@@ -262,7 +273,8 @@ def main(args: argparse.Namespace) -> None:
                "--warmup-iters N (or --lr-warmup-epochs N)")
     lr_of = epoch_schedule(base_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
                            schedule=args.lr_scheduler, lr_steps=args.lr_steps or (), warmup_steps=args.warmup_iters,
-                           warmup_factor=args.warmup_factor)
+                           warmup_factor=args.warmup_factor, warmup=args.warmup, min_lr=args.min_lr_ratio * args.lr,
+                           hold_epochs=args.hold_epochs)
 
     resumed = ckpt.restore_training_state(resume, model=model_without_ddp, optimizer=optimizer, scaler=scaler,
                                           model_ema=model_ema, rank=rank, world_size=args.world_size, device=device,

@@ -103,6 +103,9 @@ def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
                    help="keep and evaluate an exponential moving average of the weights")
     g.add_argument("--ema-decay", "--model-ema-decay", type=non_negative_float, default=0.9998,
                    help="EMA weight of the old average per update")
+    g.add_argument("--ema-gamma", type=positive_float,
+                   help="mmdet's ExpMomentumEMA (YOLOX): the new weights' share starts near 1 and decays to "
+                        "1 - --ema-decay over ~gamma updates (default: a constant decay)")
     g.add_argument("--ema-steps", "--model-ema-steps", type=positive_int, default=1,
                    help="update the EMA every this many optimizer steps")
     g.add_argument("--seed", type=int, default=0, help="seeds sampling, augmentation and initialisation")

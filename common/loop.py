@@ -26,7 +26,7 @@ def wrap_model(model: nn.Module, args: argparse.Namespace, device: torch.device)
     unwrapped = model
     if args.world_size > 1:
         model = DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device.index])
-    return model, unwrapped, ema_model(unwrapped, args.ema_decay) if args.ema else None
+    return model, unwrapped, ema_model(unwrapped, args.ema_decay, args.ema_gamma) if args.ema else None
 
 
 def evaluate_and_log(evaluate: Callable[..., dict], model: nn.Module, model_ema: nn.Module | None,

@@ -26,13 +26,13 @@ def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float
 
 def build_optimizer(
     name: str, model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
-    norm_weight_decay: float = 0.0,
+    norm_weight_decay: float = 0.0, nesterov: bool = False,
 ) -> torch.optim.Optimizer:
-    """sgd (mmcls/torchvision ResNet recipe), adamw, or rmsprop with TensorFlow's alpha/eps (MobileNet/EfficientNet
-    recipes: eps 0.0316 ~ sqrt(1e-3) because TF puts eps inside the square root)."""
+    """sgd (mmcls/torchvision ResNet recipe; `nesterov` for YOLOX's), adamw, or rmsprop with TensorFlow's alpha/eps
+    (MobileNet/EfficientNet recipes: eps 0.0316 ~ sqrt(1e-3) because TF puts eps inside the square root)."""
     groups = param_groups(model, weight_decay, norm_weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "rmsprop":
@@ -55,16 +55,21 @@ def lr_at(
     gamma: float = 0.1,
     warmup_steps: int = 0,
     warmup_factor: float = 0.001,
+    warmup: str = "linear",
     min_lr: float = 0.0,
+    hold_steps: int = 0,
 ) -> float:
     """Learning rate at optimizer step `step` (0-based).
 
-    schedule "cosine": base_lr -> min_lr along half a cosine over [warmup_steps, total_steps] (SGDR without
-    restarts); "poly": base_lr -> min_lr linearly over the same span (mmengine's PolyLR, power 1);
-    "multistep": base_lr * gamma ** (number of milestones <= step). During warmup the scheduled LR is
-    multiplied by a factor rising linearly from `warmup_factor` to 1, as mmcv's/mmengine's LinearLR does.
+    schedule "cosine": base_lr -> min_lr along half a cosine over [warmup_steps, total_steps - hold_steps] (SGDR
+    without restarts), then min_lr for the last `hold_steps` (YOLOX's constant last epochs); "poly": base_lr ->
+    min_lr linearly over the same span (mmengine's PolyLR, power 1); "multistep": base_lr * gamma ** (number of
+    milestones <= step). During warmup the scheduled LR is multiplied by a factor rising from `warmup_factor` to 1
+    linearly (warmup "linear", mmengine's LinearLR), or by ((step + 1) / warmup_steps) ** 2 (warmup "quadratic",
+    mmdet's QuadraticWarmupLR, which starts from 0 and ignores warmup_factor).
     """
-    progress = min(1.0, max(0, step - warmup_steps) / max(1, total_steps - warmup_steps))
+    end = total_steps - hold_steps
+    progress = min(1.0, max(0, step - warmup_steps) / max(1, end - warmup_steps))
     if schedule == "cosine":
         lr = min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
     elif schedule == "poly":
@@ -73,19 +78,25 @@ def lr_at(
         lr = base_lr * gamma ** bisect.bisect_right(sorted(milestones), step)
     else:
         raise ValueError(f"unknown schedule {schedule!r}: choose cosine, poly or multistep")
-    if step < warmup_steps:
+    if step < warmup_steps and warmup == "quadratic":
+        lr *= ((step + 1) / warmup_steps) ** 2
+    elif step < warmup_steps and warmup == "linear":
         lr *= warmup_factor + (1 - warmup_factor) * step / warmup_steps
+    elif step < warmup_steps:
+        raise ValueError(f"unknown warmup {warmup!r}: choose linear or quadratic")
     return lr
 
 
 def epoch_schedule(
     *, base_lr: float, epochs: int, steps_per_epoch: int, schedule: str, lr_steps: Sequence[int] = (),
-    gamma: float = 0.1, warmup_steps: int = 0, warmup_factor: float = 0.001, min_lr: float = 0.0,
+    gamma: float = 0.1, warmup_steps: int = 0, warmup_factor: float = 0.001, warmup: str = "linear",
+    min_lr: float = 0.0, hold_epochs: int = 0,
 ) -> Callable[[int], float]:
-    """`lr_at` for a run described in epochs (milestones `lr_steps` in epochs): a function of the global step."""
+    """`lr_at` for a run described in epochs (milestones `lr_steps` and the final `hold_epochs` at min_lr in
+    epochs): a function of the global step."""
     return partial(lr_at, base_lr=base_lr, total_steps=epochs * steps_per_epoch, schedule=schedule,
                    milestones=[e * steps_per_epoch for e in lr_steps], gamma=gamma, warmup_steps=warmup_steps,
-                   warmup_factor=warmup_factor, min_lr=min_lr)
+                   warmup_factor=warmup_factor, warmup=warmup, min_lr=min_lr, hold_steps=hold_epochs * steps_per_epoch)
 
 
 def apply_gradients(
@@ -103,6 +114,23 @@ def apply_gradients(
     optimizer.zero_grad(set_to_none=True)
 
 
-def ema_model(model: nn.Module, decay: float) -> AveragedModel:
-    """Exponential moving average of weights and buffers (BN statistics too), evaluated beside the model."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+def exp_momentum_ema(momentum: float, gamma: float) -> Callable:
+    """mmdet's ExpMomentumEMA (YOLOX) as a torch AveragedModel `multi_avg_fn`: after n updates the new weights enter
+    with (1 - momentum) * exp(-(1 + n) / gamma) + momentum, so the average follows the fast-changing early weights
+    closely and settles to `momentum` (1e-4 for YOLOX) after a few x gamma steps. The weight stays a device tensor
+    (no host sync); integer buffers are copied, as mmengine does."""
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        weight = (1 - momentum) * torch.exp(-(1 + num_averaged.double()) / gamma) + momentum
+        for avg, new in zip(averaged, current, strict=True):
+            if avg.is_floating_point():
+                avg.lerp_(new, weight.to(avg.dtype))
+            else:
+                avg.copy_(new)
+    return update
+
+
+def ema_model(model: nn.Module, decay: float, gamma: float | None = None) -> AveragedModel:
+    """Exponential moving average of weights and buffers (BN statistics too), evaluated beside the model: a
+    constant `decay` per update, or with `gamma` mmdet's ExpMomentumEMA of momentum 1 - decay."""
+    avg_fn = get_ema_multi_avg_fn(decay) if gamma is None else exp_momentum_ema(1 - decay, gamma)
+    return AveragedModel(model, multi_avg_fn=avg_fn, use_buffers=True)

@@ -156,6 +156,15 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def load(self, index: int) -> tuple[tv_tensors.Image, dict]:
+        """Item `index` before `transforms`, without meta: (uint8 [3, H, W], {"boxes" [N, 4], "labels" [N]}), what
+        det/yolox_data.py's mixing wrapper combines."""
+        info = self.coco.imgs[self.ids[index]]
+        image = read_image(self.img_dir / info["file_name"], info["width"], info["height"])
+        return image, {"boxes": tv_tensors.BoundingBoxes(torch.from_numpy(self.boxes[index]), format="XYXY",
+                                                         canvas_size=(info["height"], info["width"])),
+                       "labels": torch.from_numpy(self.labels[index])}
+
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict, dict]:
         info = self.coco.imgs[self.ids[index]]
         path, height, width = self.img_dir / info["file_name"], info["height"], info["width"]

@@ -13,7 +13,7 @@ from torch import nn
 
 from common import checkpoint as ckpt
 from common.logger import log_every, new_meters
-from common.optim import build_optimizer, lr_at, param_groups, scaled_lr
+from common.optim import build_optimizer, ema_model, lr_at, param_groups, scaled_lr
 
 
 def test_atomic_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -181,6 +181,14 @@ def test_lr_schedules():
     assert lr_at(10, base_lr=1.0, total_steps=110, warmup_steps=10) == 1.0
     assert lr_at(60, base_lr=1.0, total_steps=110, warmup_steps=10) == pytest.approx(0.5)
     assert scaled_lr(0.1, 512) == pytest.approx(0.2)
+    # YOLOX (mmdet's QuadraticWarmupLR, CosineAnnealingLR to eta_min, ConstantLR): 10 warmup steps from 0, cosine
+    # over steps 10-90 to 0.05, held there for the last 10
+    yolox = dict(base_lr=1.0, total_steps=100, warmup_steps=10, warmup="quadratic", min_lr=0.05, hold_steps=10)
+    assert [lr_at(s, **yolox) for s in (0, 4, 9)] == pytest.approx([0.01, 0.25, 1.0])
+    assert lr_at(50, **yolox) == pytest.approx(0.525) and lr_at(90, **yolox) == pytest.approx(0.05)
+    assert lr_at(99, **yolox) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="unknown warmup"):
+        lr_at(0, base_lr=1.0, total_steps=10, warmup_steps=2, warmup="cubic")
     with pytest.raises(ValueError, match="unknown schedule"):
         lr_at(0, base_lr=1.0, total_steps=10, schedule="exponential")
 
@@ -275,3 +283,22 @@ def test_a_signal_on_another_rank_stops_this_one_too(monkeypatch):
     assert loop.stop_requested() == "a signal on another rank"
     monkeypatch.setattr(loop, "any_rank", lambda flag: flag)
     assert loop.stop_requested() is None
+
+
+def test_exp_momentum_ema_follows_mmdet():
+    """ema_model with gamma is mmdet's ExpMomentumEMA: the first update copies, the n-th after it mixes the new
+    weights in with (1 - m) exp(-(1 + n) / gamma) + m; integer buffers are copied."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)).train()
+    ema = ema_model(model, decay=0.9, gamma=3.0)  # m = 0.1: large enough that a wrong weight shows
+    want = {}
+    for n in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        model(torch.randn(4, 2, generator=torch.Generator().manual_seed(n)))
+        ema.update_parameters(model)
+        weight = 0.9 * math.exp(-(1 + n) / 3.0) + 0.1
+        for k, v in model.state_dict().items():
+            want[k] = v.clone() if n == 0 or not v.is_floating_point() else want[k] * (1 - weight) + v * weight
+    for k, v in ema.module.state_dict().items():
+        torch.testing.assert_close(v, want[k], msg=k)

@@ -197,3 +197,22 @@ def test_darknet_backbone_settings_follow_the_weights_rule(capsys):
     assert settings("--backbone-weights", "darknet53.pth") == {"norm_eval": True}
     assert settings("--backbone-weights", "darknet53.pth", "--no-norm-eval") == {"norm_eval": False}
     assert settings("--norm-eval") == {"norm_eval": True}
+
+
+def test_recipe_keys_that_only_some_recipes_set(monkeypatch):
+    """Optional recipe keys (YOLOX's Nesterov SGD, quadratic warmup, final LR and its hold, ExpMomentumEMA) become
+    the flags' defaults where a recipe sets them; elsewhere the flags keep theirs, and norm layers decay as --wd
+    (mmdet decays every parameter unless its config says otherwise)."""
+    import train_det
+    from det.models import RECIPES
+
+    plain = train_det.parse_args(["--model", "retinanet_r18"])
+    assert (plain.nesterov, plain.warmup, plain.min_lr_ratio, plain.hold_epochs, plain.ema) == (False, "linear", 0, 0,
+                                                                                                  False)
+    assert plain.norm_weight_decay is None and plain.ema_gamma is None
+    extra = dict(norm_weight_decay=0.0, nesterov=True, warmup="quadratic", min_lr_ratio=0.05, hold_epochs=15, ema=True,
+                 ema_decay=0.9999, ema_gamma=2000)
+    monkeypatch.setitem(RECIPES, "retinanet_r18", RECIPES["retinanet_r18"] | extra)
+    args = train_det.parse_args(["--model", "retinanet_r18"])
+    assert {k: getattr(args, k) for k in extra} == extra
+    assert train_det.parse_args(["--model", "retinanet_r18", "--no-nesterov", "--hold-epochs", "2"]).hold_epochs == 2
