@@ -44,7 +44,7 @@ from det.models import MODELS, RECIPES, build_model, load_backbone_weights, to_o
 RECIPE_FLAGS = {"lr": "blr", "schedule": "lr_scheduler"} | {key: key for key in (
     "img_size", "batch_size", "lr_batch", "momentum", "weight_decay", "epochs", "lr_steps", "warmup_iters",
     "warmup_factor", "repeat", "clip_grad", "norm_weight_decay", "nesterov", "warmup", "min_lr_ratio", "hold_epochs",
-    "ema", "ema_decay", "ema_gamma")}
+    "ema", "ema_decay", "ema_gamma", "multiscale", "multiscale_interval")}
 
 
 def get_args_parser(model: str = "ssd300") -> argparse.ArgumentParser:
@@ -101,6 +101,10 @@ def get_args_parser(model: str = "ssd300") -> argparse.ArgumentParser:
                    help="cosine: the final LR as a fraction of the LR")
     g.add_argument("--hold-epochs", type=cli.non_negative_int, default=0,
                    help="cosine: the last epochs stay at the final LR (YOLOX: 15)")
+    g.add_argument("--multiscale", type=cli.positive_float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="every --multiscale-interval iterations resize the batch to a short side drawn from LOW-HIGH x "
+                        "--img-size in steps of 32 (mmdet's BatchSyncRandomResize; YOLOX: 0.75 1.25, 480-800 px)")
+    g.add_argument("--multiscale-interval", type=cli.positive_int, default=10, help="iterations per --multiscale size")
     g.add_argument("--repeat", type=cli.positive_int, help="passes over the data set per epoch (mmdet's RepeatDataset)")
     g.add_argument("--clip-grad", "--clip-grad-norm", type=cli.non_negative_float,
                    help="clip the gradient norm to this (None, 0: off)")
@@ -172,6 +176,10 @@ def train_one_epoch(model, optimizer, scaler, loader, device, epoch: int, step: 
     for i, (images, targets, _) in enumerate(batches, start=start_batch):
         images = images.to(device, non_blocking=True).contiguous(memory_format=args.memory_format)
         targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
+        if args.multiscale:  # YOLOX's batch resize: a few canvases, each one graph
+            size = data.multiscale_canvas(epoch * len(loader) + i, args.seed, tuple(images.shape[-2:]),
+                                          args.multiscale, args.img_size, args.multiscale_interval)
+            images, targets = data.resize_batch(images, targets, size)
         boundary = (i + 1) % args.accum_steps == 0
         with model.no_sync() if ddp and not boundary else contextlib.nullcontext():
             with autocast(device, args.amp):
@@ -181,7 +189,7 @@ def train_one_epoch(model, optimizer, scaler, loader, device, epoch: int, step: 
         finite &= torch.isfinite(loss)
         for name, value in losses.items():
             meters[name].append(value.detach())
-        meters["lr"].append(optimizer.param_groups[0]["lr"])
+        meters["lr"].append(lr_of(step))  # the LR this micro-batch's optimizer step uses
         if boundary:
             step = optimizer_step(model, optimizer, scaler, model_ema, step=step, lr=lr_of(step), args=args)
             if after_optimizer_step(finite, epoch=epoch, batch=i + 1, step=step, args=args, save=save):

@@ -29,7 +29,7 @@ from torchvision.transforms.v2 import functional as F
 
 from common.dist import barrier, is_main_process, print0
 from common.images import to_rgb
-from common.sampling import ResumableBatches, SeededDataset
+from common.sampling import ResumableBatches, SeededDataset, item_seed
 from det.presets import get_preset
 from det.synthetic_coco import default_cache, synthetic_coco
 
@@ -325,3 +325,32 @@ def build_datasets(
     if val.label_to_cat != train.label_to_cat:
         raise ValueError(f"{train.ann_file} and {val.ann_file} have different categories")
     return train, val
+
+
+def multiscale_canvas(iteration: int, seed: int, canvas: tuple[int, int], ratio_range: tuple[float, float],
+                      img_size: int, interval: int = 10, divisor: int = 32) -> tuple[int, int]:
+    """mmdet's BatchSyncRandomResize (YOLOX): the first `interval` iterations keep the canvas (h, w); then every
+    `interval` iterations the short side is drawn uniformly from the multiples of `divisor` in ratio_range x img_size
+    (YOLOX: 480-800 for 640), the aspect ratio kept. The draw comes from (seed, iteration // interval), not from rank
+    0 and a broadcast: every rank agrees without talking, a resumed run draws the same, and the few sizes are each
+    one compiled graph."""
+    block = iteration // interval
+    if block == 0:
+        return canvas
+    low, high = (round(r * img_size / divisor) for r in ratio_range)
+    units = int(torch.randint(low, high + 1, (), generator=torch.Generator().manual_seed(item_seed(seed, -1, block))))
+    return divisor * units, divisor * int(canvas[1] / canvas[0] * units)
+
+
+def resize_batch(images: torch.Tensor, targets: dict[str, torch.Tensor],
+                 size: tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A batch (on the device) onto a `size` (h, w) canvas, bilinearly as mmdet's BatchSyncRandomResize, boxes and
+    image sizes scaled along (image sizes truncated, as mmdet's img_shape). Returns float 0-255 images."""
+    height, width = images.shape[-2:]
+    if (height, width) == tuple(size):
+        return images, targets
+    scale = torch.tensor([size[1] / width, size[0] / height], device=images.device)  # (x, y)
+    images = torch.nn.functional.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
+    targets = dict(targets, boxes=targets["boxes"] * scale.repeat(2),
+                   image_size=(targets["image_size"] * scale.flip(0)).long())
+    return images, targets

@@ -11,6 +11,8 @@ import math
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from det import yolox_data
+
 MEAN_COLOR = (124, 116, 104)  # mmdet's pixel mean (123.675, 116.28, 103.53), rounded: a pad normalises to ~0
 
 
@@ -103,6 +105,19 @@ def yolov3_eval_transforms(img_size: int) -> v2.Compose:
     return v2.Compose([_long_side_resize(img_size)])
 
 
+# yolox (configs/yolox/yolox_s_8xb8-300e_coco.py): keep-ratio resize so the long side is img_size (640), padded to
+# the square with 114 (the canvas, yolov3's). Training mixes images first (det/yolox_data.py's MosaicMixUpDataset
+# wraps the training set: Mosaic, RandomAffine, MixUp); the per-image rest of mmdet's pipeline (HSV jitter, flip,
+# resize, box filter) is these train_transforms, and all of it in mmdet's last 15 epochs. mmcv's resize rounding and
+# cv2's bilinear interpolation (no antialiasing) in both.
+def yolox_train_transforms(img_size: int) -> yolox_data.TrainTransforms:
+    return yolox_data.TrainTransforms(img_size)
+
+
+def yolox_eval_transforms(img_size: int) -> yolox_data.TrainTransforms:
+    return yolox_data.TrainTransforms(img_size, train=False)
+
+
 PRESETS = {
     "ssd": {"canvas_size": ssd_canvas_size, "train_transforms": ssd_train_transforms,
             "eval_transforms": ssd_eval_transforms, "fill": MEAN_COLOR},
@@ -111,6 +126,9 @@ PRESETS = {
     # mmdet normalises YOLOv3's images to RGB / 255 and pads them with 0: black
     "yolov3": {"canvas_size": yolov3_canvas_size, "train_transforms": yolov3_train_transforms,
                "eval_transforms": yolov3_eval_transforms, "fill": (0, 0, 0)},
+    # mmdet pads YOLOX's images with 114 and feeds them unnormalised (BGR 0-255)
+    "yolox": {"canvas_size": yolov3_canvas_size, "train_transforms": yolox_train_transforms,
+              "eval_transforms": yolox_eval_transforms, "fill": (114, 114, 114)},
 }
 
 

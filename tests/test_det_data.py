@@ -302,3 +302,29 @@ def test_16_bit_pictures_are_scaled_not_clipped(tmp_path):
         assert f.mode.startswith("I")
     pixels = data.read_image(tmp_path / "depth.png", width=3, height=1)
     assert pixels.dtype == torch.uint8 and pixels[:, 0].tolist() == [[0, 128, 255]] * 3
+
+
+def test_multiscale_canvas_is_mmdets_batch_resize_drawn_from_the_step():
+    """BatchSyncRandomResize: the canvas for the first 10 iterations, then per block of 10 a short side among the
+    multiples of 32 in 480-800 (YOLOX at 640), the aspect ratio kept; the same (seed, iteration) -> the same size."""
+    sizes = [data.multiscale_canvas(it, 0, (640, 640), (0.75, 1.25), 640) for it in range(0, 3000, 10)]
+    assert sizes[0] == (640, 640) and all(h == w for h, w in sizes)
+    assert {h for h, _ in sizes[1:]} == set(range(480, 801, 32))  # every size, none outside
+    assert data.multiscale_canvas(19, 0, (640, 640), (0.75, 1.25), 640) == sizes[1]  # one size per block
+    assert [data.multiscale_canvas(it, 1, (640, 640), (0.75, 1.25), 640) for it in range(0, 3000, 10)] != sizes
+    h, w = data.multiscale_canvas(25, 0, (128, 224), (0.5, 1.0), 128)
+    assert h in (64, 96, 128) and w == 32 * int(224 / 128 * h / 32)
+
+
+def test_resize_batch_scales_boxes_and_image_sizes():
+    images = torch.zeros(1, 3, 64, 96, dtype=torch.uint8)
+    images[0, :, 16:48, 24:72] = 255  # a white box
+    targets = {"boxes": torch.tensor([[[24.0, 16, 72, 48]]]), "labels": torch.zeros(1, 1, dtype=torch.long),
+               "valid": torch.ones(1, 1, dtype=torch.bool), "image_size": torch.tensor([[63, 95]])}
+    resized, out = data.resize_batch(images, targets, (32, 64))
+    assert resized.shape == (1, 3, 32, 64) and resized.dtype == torch.float32
+    torch.testing.assert_close(out["boxes"], torch.tensor([[[16.0, 8, 48, 24]]]))
+    assert out["image_size"].tolist() == [[31, 63]]  # truncated, as mmdet's img_shape
+    assert resized[0, :, 9:23, 17:47].min() == 255 and resized[0, :, :6].max() == 0  # the box moved with its pixels
+    same, untouched = data.resize_batch(images, targets, (64, 96))
+    assert same is images and untouched is targets
