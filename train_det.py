@@ -38,13 +38,14 @@ from common.sampling import set_epoch
 from det import data
 from det.eval import coco_evaluate, save_results, to_coco_results
 from det.models import MODELS, RECIPES, build_model, load_backbone_weights, to_our_names
+from det.yolox_data import MosaicMixUpDataset
 
 # recipe key -> flag destination: the recipe's values are the flags' defaults (and what --help shows); every recipe
 # has the first keys, the optional ones (from norm_weight_decay on) only where its config departs from the default
 RECIPE_FLAGS = {"lr": "blr", "schedule": "lr_scheduler"} | {key: key for key in (
     "img_size", "batch_size", "lr_batch", "momentum", "weight_decay", "epochs", "lr_steps", "warmup_iters",
     "warmup_factor", "repeat", "clip_grad", "norm_weight_decay", "nesterov", "warmup", "min_lr_ratio", "hold_epochs",
-    "ema", "ema_decay", "ema_gamma", "multiscale", "multiscale_interval")}
+    "ema", "ema_decay", "ema_gamma", "multiscale", "multiscale_interval", "no_aug_epochs")}
 
 
 def get_args_parser(model: str = "ssd300") -> argparse.ArgumentParser:
@@ -105,6 +106,9 @@ def get_args_parser(model: str = "ssd300") -> argparse.ArgumentParser:
                    help="every --multiscale-interval iterations resize the batch to a short side drawn from LOW-HIGH x "
                         "--img-size in steps of 32 (mmdet's BatchSyncRandomResize; YOLOX: 0.75 1.25, 480-800 px)")
     g.add_argument("--multiscale-interval", type=cli.positive_int, default=10, help="iterations per --multiscale size")
+    g.add_argument("--no-aug-epochs", type=cli.non_negative_int, default=0,
+                   help="YOLOX: Mosaic, RandomAffine and MixUp off and the L1 loss on from epoch epochs - N - 1 on "
+                        "(mmdet's YOLOXModeSwitchHook and its epoch + 1 test)")
     g.add_argument("--repeat", type=cli.positive_int, help="passes over the data set per epoch (mmdet's RepeatDataset)")
     g.add_argument("--clip-grad", "--clip-grad-norm", type=cli.non_negative_float,
                    help="clip the gradient norm to this (None, 0: off)")
@@ -241,6 +245,11 @@ def main(args: argparse.Namespace) -> None:
             train_images=args.train_images, val_images=args.val_images)
     except (FileNotFoundError, ValueError) as e:  # their messages name the file and the annotation
         raise SystemExit(f"error: {e}") from None
+    mixing = None
+    if recipe["preset"] == "yolox":  # mmdet's MultiImageMixDataset: Mosaic, RandomAffine, MixUp, then the preset's rest
+        train_set = mixing = MosaicMixUpDataset(train_set, args.img_size)
+    elif args.no_aug_epochs:
+        raise SystemExit(f"error: --no-aug-epochs switches YOLOX's mixing off; {args.model} has none")
     if args.repeat > 1:
         train_set = data.RepeatDataset(train_set, args.repeat)
     train_loader, val_loader = data.build_loaders(
@@ -307,6 +316,8 @@ def main(args: argparse.Namespace) -> None:
     for epoch in range(resumed["epoch"], args.epochs):
         start = resumed["batch"] if epoch == resumed["epoch"] else 0
         set_epoch(train_loader, epoch, start)
+        if args.no_aug_epochs and epoch + 1 >= args.epochs - args.no_aug_epochs:  # a function of the epoch: a resumed
+            mixing.mix, model_without_ddp.bbox_head.use_l1 = False, True  # run is in the same mode (mmdet PR #10116)
         step, stopped = train_one_epoch(model, optimizer, scaler, train_loader, device, epoch, step, lr_of, args,
                                         model_ema, start_batch=start, save=save)
         if stopped:

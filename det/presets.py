@@ -7,6 +7,8 @@ evaluation transforms of (image, {"boxes", "labels"}), in torchvision transforms
 mmdet). `PRESETS` maps a recipe's "preset" name to them; a new family adds its functions and one entry.
 """
 import math
+from collections.abc import Callable
+from functools import partial
 
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -110,12 +112,12 @@ def yolov3_eval_transforms(img_size: int) -> v2.Compose:
 # wraps the training set: Mosaic, RandomAffine, MixUp); the per-image rest of mmdet's pipeline (HSV jitter, flip,
 # resize, box filter) is these train_transforms, and all of it in mmdet's last 15 epochs. mmcv's resize rounding and
 # cv2's bilinear interpolation (no antialiasing) in both.
-def yolox_train_transforms(img_size: int) -> yolox_data.TrainTransforms:
-    return yolox_data.TrainTransforms(img_size)
+def yolox_train_transforms(img_size: int) -> Callable:
+    return partial(yolox_data.transforms, img_size=img_size)
 
 
-def yolox_eval_transforms(img_size: int) -> yolox_data.TrainTransforms:
-    return yolox_data.TrainTransforms(img_size, train=False)
+def yolox_eval_transforms(img_size: int) -> Callable:
+    return partial(yolox_data.transforms, img_size=img_size, train=False)
 
 
 PRESETS = {

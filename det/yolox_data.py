@@ -218,15 +218,19 @@ def rgb_to_hsv(image: Tensor) -> Tensor:
 def hsv_to_rgb(hsv: Tensor) -> Tensor:
     """cv2.cvtColor(hsv, COLOR_HSV2BGR) read as RGB, 8-bit, as OpenCV 5.0 computes it: int [3, H, W] -> uint8
     [3, H, W]; float32 h x 6/180 split into sector and fraction, the 4 candidate values v, v(1 - s), v(1 - s f),
-    v(1 - s(1 - f)) with 1 - s f fused (one rounding: emulated in float64), x 255 truncated (OpenCV 4 rounded)."""
+    v(1 - s(1 - f)), x 255. OpenCV converts each row 32 pixels at a time in SIMD code (1 - s f fused: one rounding,
+    emulated in float64; x 255 truncated) and the last width % 32 pixels in scalar code (unfused, rounded); 32 is
+    what its AVX2/AVX-512 dispatch does on x86, other builds may split rows elsewhere."""
     h = hsv[0].float() * torch.tensor(6 / 180, dtype=torch.float32)
     s, v = (c.float() * torch.tensor(1 / 255, dtype=torch.float32) for c in hsv[1:])
     sector = h.floor()  # h < 6: hue 0..179
     h = h - sector
-    fused = [(1 - s.double() * f.double()).float() for f in (h, 1 - h)]
+    width = hsv.shape[-1]
+    simd = torch.arange(width) < width - width % 32  # [W]
+    fused = [torch.where(simd, (1 - s.double() * f.double()).float(), 1 - s * f) for f in (h, 1 - h)]
     tab = torch.stack([v, v * (1 - s), v * fused[0], v * fused[1]])  # [4, H, W]
-    bgr = tab.gather(0, _SECTORS[sector.long()].permute(2, 0, 1))  # [3, H, W]
-    return (bgr.flip(0) * 255).floor().clamp(0, 255).to(torch.uint8)
+    rgb = tab.gather(0, _SECTORS[sector.long()].permute(2, 0, 1)).flip(0) * 255  # [3, H, W]
+    return torch.where(simd, rgb.floor(), rgb.round()).clamp(0, 255).to(torch.uint8)
 
 
 def hsv_jitter(image: Tensor, rng: Rng, hue_delta: int = 5, saturation_delta: int = 30,
@@ -264,34 +268,30 @@ def _target(image: Tensor, boxes: Tensor, labels: Tensor) -> tuple[tv_tensors.Im
                                      "labels": labels}
 
 
-class TrainTransforms:
+def transforms(image: Tensor, target: dict, rng: Rng | None = None, *, img_size: int,
+               train: bool = True) -> tuple[tv_tensors.Image, dict]:
     """The per-image end of the pipeline, hsv_jitter -> flip with 0.5 (mmdet RandomFlip) -> resize_keep_ratio ->
-    filter_boxes (Pad is the canvas's), as a transforms callable (image, {"boxes", "labels"}) -> the same: the
+    filter_boxes (Pad is the canvas's), on (image, {"boxes", "labels"}) -> the same: with functools.partial the
     "yolox" preset's train_transforms, and all of the pipeline in mmdet's last epochs. Without `rng` it draws from a
     RandomState seeded from numpy's global generator, which common.sampling.SeededDataset seeds per (seed, epoch,
     index). `train=False`: the resize alone (mmdet's test pipeline)."""
-
-    def __init__(self, img_size: int, train: bool = True) -> None:
-        self.img_size, self.train = img_size, train
-
-    def __call__(self, image: Tensor, target: dict, rng: Rng | None = None) -> tuple[tv_tensors.Image, dict]:
-        image, boxes, labels = image.as_subclass(Tensor), target["boxes"].as_subclass(Tensor), target["labels"]
-        if self.train:
-            rng = Rng(np.random.randint(2**32)) if rng is None else rng
-            image = hsv_jitter(image, rng)
-            if rng.random_sample() < 0.5:  # np.random.choice(["horizontal", None], p=[0.5, 0.5]): one draw
-                image, boxes = hflip(image, boxes)
-        image, boxes = resize_keep_ratio(image, boxes, self.img_size)
-        if self.train:
-            boxes, labels = filter_boxes(boxes, labels)
-        return _target(image, boxes, labels)
+    image, boxes, labels = image.as_subclass(Tensor), target["boxes"].as_subclass(Tensor), target["labels"]
+    if train:
+        rng = Rng(np.random.randint(2**32)) if rng is None else rng
+        image = hsv_jitter(image, rng)
+        if rng.random_sample() < 0.5:  # np.random.choice(["horizontal", None], p=[0.5, 0.5]): one draw
+            image, boxes = hflip(image, boxes)
+    image, boxes = resize_keep_ratio(image, boxes, img_size)
+    if train:
+        boxes, labels = filter_boxes(boxes, labels)
+    return _target(image, boxes, labels)
 
 
 class MosaicMixUpDataset(Dataset):
     """mmdet's MultiImageMixDataset with YOLOX's pipeline over a det/data.py CocoDetection (its `load`: images and
     boxes before its transforms). Item i: mosaic of i and 3 random others -> random_affine -> mixup with a random
-    image that has objects (mmdet MixUp.get_indexes: up to 15 tries, then the last one), only loaded -> TrainTransforms.
-    With `mix` False (mmdet's YOLOXModeSwitchHook, the last 15 epochs): TrainTransforms alone. Items are
+    image that has objects (mmdet MixUp.get_indexes: up to 15 tries, then the last one), only loaded -> transforms.
+    With `mix` False (mmdet's YOLOXModeSwitchHook, the last 15 epochs): `transforms` alone. Items are
     CocoDetection's (image, {"boxes", "labels"}, meta), so det/data.py's collate batches them; no item is dropped
     (an image left without boxes comes with none, as mmdet's FilterAnnotations(keep_empty=False) leaves it).
 
@@ -302,7 +302,6 @@ class MosaicMixUpDataset(Dataset):
 
     def __init__(self, dataset: Dataset, img_size: int = 640, mix: bool = True, max_iters: int = 15) -> None:
         self.dataset, self.img_size, self.mix, self.max_iters = dataset, img_size, mix, max_iters
-        self.transforms = TrainTransforms(img_size)
         self.landscape = dataset.landscape
 
     def __len__(self) -> int:
@@ -327,7 +326,7 @@ class MosaicMixUpDataset(Dataset):
                 if len(self.dataset.labels[other]):
                     break
             image, boxes, labels = mixup(image, boxes, labels, *self._load(other), rng, img_scale=s)
-        image, target = self.transforms(image, {"boxes": boxes, "labels": labels}, rng)
+        image, target = transforms(image, {"boxes": boxes, "labels": labels}, rng, img_size=self.img_size)
         info = self.dataset.coco.imgs[self.dataset.ids[index]]
         height, width = info["height"], info["width"]
         meta = {"image_id": info["id"], "file_name": info["file_name"], "orig_size": (height, width),

@@ -6,8 +6,10 @@ outside the repo): MultiImageMixDataset with yolox_s_8xb8-300e_coco's pipeline a
 folder (gradients with filled boxes, redrawn here from the annotations), each item after np.random.seed(k), with and
 without the mixing transforms; and OpenCV's 8-bit HSV of 512 random colours both ways.
 """
+import base64
 import gzip
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -60,24 +62,24 @@ def coco(fixture, tmp_path_factory) -> data.CocoDetection:
 
 
 def test_pipeline_matches_mmdet(fixture, coco):
-    """Same draws as mmdet's (RandomState(k) here, np.random.seed(k) there): the same boxes and labels to float32
-    rounding, the same pixels up to cv2's fixed-point resize rounding (pixels differ by a few levels, rarely)."""
+    """Same draws as mmdet's (RandomState(k) here, np.random.seed(k) there): the same boxes and labels, bit for bit;
+    the same pixels without the mixing transforms, and with them up to cv2's rounding in resizes and warps (a level
+    here and there, which the HSV jitter can turn into a few)."""
     s = fixture["img_scale"]
     dataset = Y.MosaicMixUpDataset(coco, img_size=s)
     worst = 0
     for rec in fixture["records"]:
         dataset.mix = rec["mix"]
         image, target, meta = dataset.item(rec["index"], np.random.RandomState(rec["seed"]))
-        ref = np.frombuffer(__import__("base64").b64decode(rec["image"]), np.uint8).reshape(rec["shape"])
+        ref = np.frombuffer(base64.b64decode(rec["image"]), np.uint8).reshape(rec["shape"])
         h, w = image.shape[-2:]
         assert [h, w] == rec["img_shape"][:2] or rec["mix"] is False and max(h, w) == s
         ref = torch.from_numpy(ref.copy()).permute(2, 0, 1)
         assert (ref[:, h:] == Y.PAD).all() and (ref[:, :, w:] == Y.PAD).all()  # mmdet's Pad: the canvas's here
         diff = (image.int() - ref[:, :h, :w].int()).abs()
-        assert diff.float().mean() < 0.05, rec
+        assert diff.float().mean() < 0.1 if rec["mix"] else diff.max() == 0, rec["seed"]
         worst = max(worst, diff.max().item())
-        ref_boxes = torch.tensor(rec["boxes"], dtype=torch.float32).reshape(-1, 4)
-        torch.testing.assert_close(target["boxes"].as_subclass(torch.Tensor), ref_boxes, rtol=0, atol=1e-4)
+        assert torch.equal(target["boxes"].as_subclass(torch.Tensor), torch.tensor(rec["boxes"]).reshape(-1, 4))
         assert target["labels"].tolist() == rec["labels"]
         assert meta["image_id"] == coco.ids[rec["index"]]
     assert worst <= 8
@@ -96,7 +98,7 @@ def test_hsv_matches_opencv_on_every_colour():
     rgb = torch.stack(torch.meshgrid(c, c, c, indexing="ij")).reshape(3, 4096, 4096)
     bgr = np.ascontiguousarray(rgb.flip(0).permute(1, 2, 0).numpy())
     assert (Y.rgb_to_hsv(rgb).permute(1, 2, 0).numpy() == cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)).all()
-    h, s, v = torch.meshgrid(torch.arange(180), c.int(), c.int(), indexing="ij")
+    h, s, v = torch.meshgrid(torch.arange(180), c.long(), c.long(), indexing="ij")
     hsv = torch.stack([h, s, v]).reshape(3, 180 * 256, 256)
     ref = cv2.cvtColor(hsv.permute(1, 2, 0).to(torch.uint8).numpy(), cv2.COLOR_HSV2BGR)[..., ::-1]
     assert (Y.hsv_to_rgb(hsv).permute(1, 2, 0).numpy() == ref).all()
@@ -156,7 +158,7 @@ def test_boxes_follow_the_pixels():
 
 def test_box_filters():
     # is_inside: a box clipped onto the left or top edge is gone, one inside the image stays, however thin
-    boxes = torch.tensor([[-9.0, 5, -1, 9], [3, -8, 9, 0], [5, 5, 5.5, 9], [60, 60, 70, 70], [62, 2, 80, 9]])
+    boxes = torch.tensor([[-9.0, 5, -1, 9], [3, -8, 9, 0], [5, 5, 5.5, 9], [66, 60, 70, 70], [62, 2, 80, 9]])
     assert Y._inside(Y._clip(boxes, 64, 64), 64, 64).tolist() == [False, False, True, False, True]
     # FilterAnnotations(min_gt_bbox_wh=(1, 1)): strictly wider and higher than 1 px
     kept, labels = Y.filter_boxes(torch.tensor([[0, 0, 1, 5], [0, 0, 1.01, 1.01], [2, 2, 9, 3]]), torch.arange(3))
@@ -169,7 +171,7 @@ def test_box_filters():
     assert out.shape == (3, 32, 32) and len(warped) == len(labels) <= 3
     assert (warped >= 0).all() and (warped <= 32).all() and (warped[:, 2:] > 0).all()
     # the pipeline's end leaves no box under 1 px, and an image whose boxes all vanish keeps none (not dropped)
-    transforms = Y.TrainTransforms(64)
+    transforms = partial(Y.transforms, img_size=64)
     image, target = transforms(torch.zeros(3, 40, 300, dtype=torch.uint8),
                                {"boxes": torch.tensor([[10.0, 10, 12, 30], [100, 5, 200, 6]]),
                                 "labels": torch.tensor([1, 2])}, np.random.RandomState(0))
@@ -198,7 +200,7 @@ def test_items_are_determined_by_seed_epoch_and_index(coco):
 
 
 def test_mode_switch_and_collate(coco):
-    """mix False (mmdet's last 15 epochs): the loaded image through TrainTransforms alone, keep-ratio; mix True:
+    """mix False (mmdet's last 15 epochs): the loaded image through `transforms` alone, keep-ratio; mix True:
     every item is img_size square. Both batch through det/data.py's collate on the yolox canvas."""
     dataset = Y.MosaicMixUpDataset(coco, img_size=48)
     mixed = [dataset.item(i, np.random.RandomState(i)) for i in range(len(coco))]
@@ -206,7 +208,7 @@ def test_mode_switch_and_collate(coco):
     dataset.mix = False
     for i in range(len(coco)):
         image, target, _ = dataset.item(i, np.random.RandomState(i))
-        ref_image, ref_target = Y.TrainTransforms(48)(*coco.load(i), np.random.RandomState(i))
+        ref_image, ref_target = Y.transforms(*coco.load(i), np.random.RandomState(i), img_size=48)
         assert torch.equal(image, ref_image) and torch.equal(target["boxes"], ref_target["boxes"])
         info = coco.coco.imgs[coco.ids[i]]
         assert max(image.shape[-2:]) == 48 and (image.shape[-1] >= image.shape[-2]) == (info["width"] >= info["height"])

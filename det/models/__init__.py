@@ -18,9 +18,9 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from det.models import retinanet, ssd, ssdlite, yolov3
+from det.models import retinanet, ssd, ssdlite, yolov3, yolox
 
-FAMILIES = (ssd, ssdlite, retinanet, yolov3)
+FAMILIES = (ssd, ssdlite, retinanet, yolov3, yolox)
 MODELS = {
     "ssd300": ssd.ssd300,
     "ssd512": ssd.ssd512,
@@ -28,6 +28,7 @@ MODELS = {
     "retinanet_r18": retinanet.retinanet_r18,
     "retinanet_r50": retinanet.retinanet_r50,
     "yolov3_d53": yolov3.yolov3_d53,
+    "yolox_s": yolox.yolox_s,
 }
 RECIPES = {name: recipe for f in FAMILIES for name, recipe in f.RECIPES.items()}  # the mmdet configs' recipes
 
