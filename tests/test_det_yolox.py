@@ -290,3 +290,41 @@ def test_checkpoint_names_and_backbone_weights():
     assert torch.equal(model.backbone.stage4[1].conv2.conv.weight, source.backbone.stage4[1].conv2.conv.weight)
     with pytest.raises(SystemExit, match="does not fit"):
         yolox.load_backbone_weights(model, torchvision.models.resnet18().state_dict())
+
+
+def head_outputs_for(batch: int, seed: int = 7) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Random YOLOX head outputs on a 64 x 64 canvas (84 points, 5 classes) and padded targets with 0-3 objects."""
+    g = torch.Generator().manual_seed(seed)
+    priors = yolox.grid_priors([(8, 8), (4, 4), (2, 2)], yolox.STRIDES, torch.device("cpu"))
+    box_preds = torch.randn(batch, len(priors), 4, generator=g) * 0.5
+    outputs = {"cls_logits": torch.randn(batch, len(priors), 5, generator=g), "priors": priors,
+               "objectness": torch.randn(batch, len(priors), generator=g), "box_preds": box_preds,
+               "boxes": yolox.decode_boxes(priors, box_preds)}
+    xy = torch.rand(batch, 3, 2, generator=g) * 40
+    targets = {"boxes": torch.cat([xy, xy + 8 + torch.rand(batch, 3, 2, generator=g) * 16], -1),
+               "labels": torch.randint(0, 5, (batch, 3), generator=g),
+               "valid": torch.arange(3)[None] < torch.randint(0, 4, (batch, 1), generator=g)}
+    return outputs, targets
+
+
+def _rank_losses(rank: int, world_size: int, init_file: str, out_file: str) -> None:
+    """One of two gloo ranks: the loss of its half of the global batch, with the positive count all-reduced."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    outputs, targets = head_outputs_for(4)
+    half = slice(2 * rank, 2 * rank + 2)
+    mine = {k: v if k == "priors" else v[half] for k, v in outputs.items()}
+    losses = yolox.yolox_loss(mine, {k: v[half] for k, v in targets.items()}, use_l1=True)
+    torch.save({k: v.detach() for k, v in losses.items()}, f"{out_file}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_positive_count_is_averaged_over_ranks(tmp_path):
+    """mmdet's reduce_mean: each rank divides its sums by the positives averaged over ranks, so the ranks' mean loss
+    (what DistributedDataParallel's averaged gradients follow) equals one process's loss on the whole batch."""
+    outputs, targets = head_outputs_for(4)
+    whole = yolox.yolox_loss(outputs, targets, use_l1=True)
+    torch.multiprocessing.spawn(_rank_losses, args=(2, str(tmp_path / "init"), str(tmp_path / "losses")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"losses.{r}") for r in range(2)]
+    for key, value in whole.items():
+        torch.testing.assert_close((ranks[0][key] + ranks[1][key]) / 2, value, msg=key)
+    assert whole["loss_bbox"] > 0 and ranks[0]["loss_bbox"] != ranks[1]["loss_bbox"]  # the halves differ
