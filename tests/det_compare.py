@@ -104,3 +104,23 @@ def fixture_batch(max_gt: int = 4) -> tuple[torch.Tensor, dict[str, torch.Tensor
         valid[i, :len(b)] = True
     image_size = torch.tensor([[256, 320], [200, 250], [160, 192]])
     return images, {"boxes": boxes, "labels": labels, "valid": valid, "image_size": image_size}
+
+
+def assert_matches_fixture(model, fixture: dict, *, max_det: int) -> None:
+    """`model`, with the fixture's seeded weights loaded, on `fixture_batch()`: its training losses and its padded
+    detections equal the recorded mmdet ones (losses within LOSS_REL, detections as sets)."""
+    import pytest
+
+    images, targets = fixture_batch()
+    assert int(images.long().sum()) == fixture["image_sum"]  # the generator gave the same images
+    losses = model.train()(images, targets)
+    assert sorted(losses) == sorted(fixture["losses"])
+    for key, value in fixture["losses"].items():
+        assert losses[key].shape == () and losses[key].item() == pytest.approx(value, rel=LOSS_REL), key
+    with torch.no_grad():
+        out = model.eval()(images, image_size=targets["image_size"])
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"boxes": (3, max_det, 4), "scores": (3, max_det),
+                                                           "labels": (3, max_det), "valid": (3, max_det)}
+    assert any(len(d["scores"]) for d in fixture["detections"])  # the fixture holds detections to compare
+    for b, expected in enumerate(fixture["detections"]):  # as sets: the recording CPU's order is not portable
+        assert_same_detections({k: v[b] for k, v in out.items()}, expected, max_det=max_det, canvas=CANVAS)

@@ -17,7 +17,7 @@ from det.anchors import grid_anchors, octave_base_anchors
 from det.backbones import ResNetBackbone
 from det.fpn import FPN
 from det.models import retinanet
-from tests.det_compare import CANVAS, LOSS_REL, assert_same_detections, fixture_batch
+from tests.det_compare import CANVAS, assert_matches_fixture, fixture_batch
 from tests.graph_check import compiled_outputs
 from tests.mmpretrain_fixture import seeded_state_dict
 
@@ -62,19 +62,7 @@ def test_equals_mmdet(name):
     fixture = load_fixture(name)
     model = getattr(retinanet, name)()
     model.load_state_dict(fixture_state_dict(fixture["keys"]), strict=True)  # mmdet's names are ours
-    images, targets = fixture_batch()
-    assert int(images.long().sum()) == fixture["image_sum"]  # the generator gave the same images
-    losses = model.train()(images, targets)
-    assert sorted(losses) == sorted(fixture["losses"])
-    for key, value in fixture["losses"].items():
-        assert losses[key].shape == () and losses[key].item() == pytest.approx(value, rel=LOSS_REL), key
-    with torch.no_grad():
-        out = model.eval()(images, image_size=targets["image_size"])
-    assert {k: tuple(v.shape) for k, v in out.items()} == {"boxes": (3, 100, 4), "scores": (3, 100),
-                                                           "labels": (3, 100), "valid": (3, 100)}
-    for b, expected in enumerate(fixture["detections"]):  # as sets: the recording CPU's order is not portable
-        assert_same_detections({k: v[b] for k, v in out.items()}, expected, max_det=retinanet.TEST_CFG["max_det"],
-                               canvas=CANVAS)
+    assert_matches_fixture(model, fixture, max_det=retinanet.TEST_CFG["max_det"])
 
 
 def empty_targets(batch: int, max_gt: int, image_size: list[list[int]]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from det.assign import grid_assign
 from det.boxes import box_iou
 from det.darknet import Darknet
 from det.models import yolov3
-from tests.det_compare import CANVAS, LOSS_REL, assert_same_detections, fixture_batch
+from tests.det_compare import assert_matches_fixture
 from tests.graph_check import compiled_outputs
 from tests.mmpretrain_fixture import seeded_state_dict
 
@@ -51,20 +51,7 @@ def test_equals_mmdet():
     assert fixture["params"] == PARAMS
     model = yolov3.yolov3_d53()
     model.load_state_dict(adjust_fixture_state(seeded_state_dict(fixture["keys"])), strict=True)  # mmdet's names
-    images, targets = fixture_batch()
-    assert int(images.long().sum()) == fixture["image_sum"]
-    losses = model.train()(images, targets)
-    assert sorted(losses) == sorted(fixture["losses"])
-    for key, value in fixture["losses"].items():
-        assert losses[key].shape == () and losses[key].item() == pytest.approx(value, rel=LOSS_REL), key
-    with torch.no_grad():
-        out = model.eval()(images, image_size=targets["image_size"])
-    assert {k: tuple(v.shape) for k, v in out.items()} == {"boxes": (3, 100, 4), "scores": (3, 100),
-                                                           "labels": (3, 100), "valid": (3, 100)}
-    assert all(0 < len(d["scores"]) for d in fixture["detections"])  # the fixture holds detections to compare
-    for b, expected in enumerate(fixture["detections"]):
-        assert_same_detections({k: v[b] for k, v in out.items()}, expected, max_det=yolov3.TEST_CFG["max_det"],
-                               canvas=CANVAS)
+    assert_matches_fixture(model, fixture, max_det=yolov3.TEST_CFG["max_det"])
 
 
 def reference_responsible(gt_boxes: torch.Tensor, feature_sizes, strides=yolov3.STRIDES) -> torch.Tensor:
