@@ -71,8 +71,8 @@ def get_args_parser(model: str = "ssd300") -> argparse.ArgumentParser:
     p.add_argument("--max-gt", type=cli.positive_int, help="objects per image the targets are padded to (default: per "
                    "batch, the smallest of 32, 64, 128, ... that fits); an image with more is an error")
     g = p.add_argument_group(f"recipe (defaults: {model}'s mmdet recipe; run --model M --help for another's)")
-    g.add_argument("--img-size", type=cli.positive_int, help="canvas: SSD's square side / RetinaNet's short side "
-                   "(1333:800 long)")
+    g.add_argument("--img-size", type=cli.positive_int, help="canvas: SSD's and YOLO's square side / RetinaNet's "
+                   "short side (1333:800 long)")
     g.add_argument("-b", "--batch-size", type=cli.positive_int, help="images per device per step")
     g.add_argument("--epochs", type=cli.positive_int, help="passes over the (repeated) training set")
     g.add_argument("--lr", type=cli.positive_float, help="the learning rate, as given (default: --blr x global batch / "
@@ -288,6 +288,12 @@ def main(args: argparse.Namespace) -> None:
         print0(f"warning: the warmup ({args.warmup_iters} iterations) is as long as the whole run "
                f"({args.epochs * steps_per_epoch} steps): the LR never reaches {args.lr:g}; shorten it with "
                "--warmup-iters N (or --lr-warmup-epochs N)")
+    # YOLOX's 15 of 300 epochs in a short run (the mixing ends at mmdet's epoch + 1 >= epochs - N)
+    for flag, value, whole, what in (("--hold-epochs", args.hold_epochs, args.epochs, "the LR stays at its last value"),
+                                     ("--no-aug-epochs", args.no_aug_epochs, args.epochs - 1, "Mosaic/MixUp are off")):
+        if value and value >= whole:
+            print0(f"warning: {flag} {value} of {args.epochs} epochs: {what} for the whole run; set {flag} "
+                   "smaller (or 0)")
     lr_of = epoch_schedule(base_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
                            schedule=args.lr_scheduler, lr_steps=args.lr_steps or (), warmup_steps=args.warmup_iters,
                            warmup_factor=args.warmup_factor, warmup=args.warmup, min_lr=args.min_lr_ratio * args.lr,

@@ -234,3 +234,16 @@ def test_recipe_keys_that_only_some_recipes_set(monkeypatch):
     args = train_det.parse_args(["--model", "retinanet_r18"])
     assert {k: getattr(args, k) for k in extra} == extra
     assert train_det.parse_args(["--model", "retinanet_r18", "--no-nesterov", "--hold-epochs", "2"]).hold_epochs == 2
+
+
+def test_yolox_short_run_warns_about_its_300_epoch_recipe(tmp_path, cache):
+    """The recipe's 5-epoch warmup, 15 held and 15 unmixed epochs do not fit a 1-epoch run: each is named with the
+    flag that fixes it, and the run still trains and evaluates (padded, with its Mosaic pipeline). Mixing is YOLOX's:
+    --no-aug-epochs on another model is refused."""
+    out = train("--model", "yolox_s", "--device", "cpu", "--img-size", "64", "--synthetic-size", "16",
+                "--batch-size", "4", "--epochs", "1", "--workers", "0", "--output-dir", str(tmp_path))
+    for flag in ("--warmup-iters", "--hold-epochs 15 of 1 epochs", "--no-aug-epochs 15 of 1 epochs"):
+        assert flag in out.stdout, flag
+    assert (tmp_path / "best.pth").exists() and (tmp_path / "coco_bbox_summary.json").exists()
+    refused = train(*TINY, "--no-aug-epochs", "2", "--output-dir", str(tmp_path / "retina"), expect_ok=False)
+    assert refused.returncode == 1 and "switches YOLOX's mixing off" in refused.stderr
