@@ -80,6 +80,18 @@ def test_torchrun_two_processes(tmp_path, cache):
     assert load_checkpoint(tmp_path / "last.pth")["extra"]["label_to_cat"] == [1, 2, 4, 5, 7, 9, 12, 13, 16, 20]
 
 
+def test_torchrun_yolox_with_mosaic_and_multiscale(tmp_path, cache):
+    """Two processes train YOLOX-s with its Mosaic/MixUp data set in loader workers and the batch multiscale (a new
+    canvas every 2 iterations, drawn from the seed alone, so the ranks' DDP buckets agree without talking)."""
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29542")
+    out = train("--model", "yolox_s", "--device", "cpu", "--img-size", "64", "--synthetic-size", "16",
+                "--batch-size", "2", "--epochs", "1", "--workers", "1", "--lr-warmup-epochs", "1", "--hold-epochs", "0",
+                "--no-aug-epochs", "0", "--multiscale-interval", "2", "--print-freq", "1",
+                "--output-dir", str(tmp_path), launcher=launcher)
+    assert "2 process(es)" in out.stdout and "global batch 4" in out.stdout
+    assert (tmp_path / "last.pth").exists() and (tmp_path / "coco_bbox_summary.json").exists()
+
+
 def test_predict_draws_pictures_and_test_only(tmp_path, cache):
     train(*TINY, "--epochs", "1", "--workers", "0", "--output-dir", str(tmp_path / "run"))
     image = next((cache / "synthetic_coco_16_8" / "val2017").glob("*.jpg"))
