@@ -193,9 +193,10 @@ def train_one_epoch(model, optimizer, scaler, loader, device, epoch: int, step: 
         finite &= torch.isfinite(loss)
         for name, value in losses.items():
             meters[name].append(value.detach())
-        meters["lr"].append(lr_of(step))  # the LR this micro-batch's optimizer step uses
+        lr = lr_of(step)  # the LR this micro-batch's optimizer step uses
+        meters["lr"].append(lr)
         if boundary:
-            step = optimizer_step(model, optimizer, scaler, model_ema, step=step, lr=lr_of(step), args=args)
+            step = optimizer_step(model, optimizer, scaler, model_ema, step=step, lr=lr, args=args)
             if after_optimizer_step(finite, epoch=epoch, batch=i + 1, step=step, args=args, save=save):
                 return step, True
         if (i + 1) % args.print_freq == 0:  # the host syncs here anyway, to print

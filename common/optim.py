@@ -78,13 +78,13 @@ def lr_at(
         lr = base_lr * gamma ** bisect.bisect_right(sorted(milestones), step)
     else:
         raise ValueError(f"unknown schedule {schedule!r}: choose cosine, poly or multistep")
-    if step < warmup_steps and warmup == "quadratic":
-        lr *= ((step + 1) / warmup_steps) ** 2
-    elif step < warmup_steps and warmup == "linear":
-        lr *= warmup_factor + (1 - warmup_factor) * step / warmup_steps
-    elif step < warmup_steps:
-        raise ValueError(f"unknown warmup {warmup!r}: choose linear or quadratic")
-    return lr
+    if step >= warmup_steps:
+        return lr
+    if warmup == "quadratic":
+        return lr * ((step + 1) / warmup_steps) ** 2
+    if warmup == "linear":
+        return lr * (warmup_factor + (1 - warmup_factor) * step / warmup_steps)
+    raise ValueError(f"unknown warmup {warmup!r}: choose linear or quadratic")
 
 
 def epoch_schedule(

@@ -165,21 +165,22 @@ class CocoDetection(Dataset):
                                                          canvas_size=(info["height"], info["width"])),
                        "labels": torch.from_numpy(self.labels[index])}
 
-    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict, dict]:
+    def meta(self, index: int, image: torch.Tensor) -> dict:
+        """The meta of item `index` (module docstring) once its image is `image` ([3, h, w], transformed)."""
         info = self.coco.imgs[self.ids[index]]
-        path, height, width = self.img_dir / info["file_name"], info["height"], info["width"]
-        image = read_image(path, width, height)
-        target = {"boxes": tv_tensors.BoundingBoxes(torch.from_numpy(self.boxes[index]), format="XYXY",
-                                                    canvas_size=(height, width)),
-                  "labels": torch.from_numpy(self.labels[index])}
+        height, width = info["height"], info["width"]
+        return {"image_id": info["id"], "file_name": info["file_name"], "orig_size": (height, width),
+                "scale": (image.shape[-2] / height, image.shape[-1] / width)}
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict, dict]:
+        image, target = self.load(index)
         if self.transforms is not None:
             try:
                 image, target = self.transforms(image, target)
             except Exception as e:  # say which sample, whatever went wrong
+                path = self.img_dir / self.coco.imgs[self.ids[index]]["file_name"]
                 raise RuntimeError(f"transforms failed on {path} (index {index}): {e}") from e
-        meta = {"image_id": info["id"], "file_name": info["file_name"], "orig_size": (height, width),
-                "scale": (image.shape[-2] / height, image.shape[-1] / width)}
-        return image, target, meta
+        return image, target, self.meta(index, image)
 
 
 def collate(batch: Sequence[tuple], *, max_gt: int | None, preset: str,

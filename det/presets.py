@@ -79,8 +79,10 @@ def retinanet_eval_transforms(img_size: int) -> v2.Compose:
 # yolov3 (configs/yolo/yolov3_d53_8xb8-ms-608-273e_coco.py): keep-ratio resize so the long side is img_size (608) at
 # test, and a random 320-608 (scaled with img_size) at training, on a fixed square canvas: mmdet pads each batch to
 # its largest image, we pad to the largest possible one, so every step has the same shape.
-def yolov3_canvas_size(img_size: int, landscape: bool) -> tuple[int, int]:
-    side = 32 * math.ceil(img_size / 32)  # Darknet's stride 32: the neck concatenates maps of exactly 2x
+def square_canvas_size(img_size: int, landscape: bool) -> tuple[int, int]:
+    """YOLOv3's and YOLOX's canvas: the square rounded up to a multiple of 32, their last stride (the necks
+    concatenate maps of exactly 2x)."""
+    side = 32 * math.ceil(img_size / 32)
     return side, side
 
 
@@ -108,7 +110,7 @@ def yolov3_eval_transforms(img_size: int) -> v2.Compose:
 
 
 # yolox (configs/yolox/yolox_s_8xb8-300e_coco.py): keep-ratio resize so the long side is img_size (640), padded to
-# the square with 114 (the canvas, yolov3's). Training mixes images first (det/yolox_data.py's MosaicMixUpDataset
+# the square with 114 (the canvas). Training mixes images first (det/yolox_data.py's MosaicMixUpDataset
 # wraps the training set: Mosaic, RandomAffine, MixUp); the per-image rest of mmdet's pipeline (HSV jitter, flip,
 # resize, box filter) is these train_transforms, and all of it in mmdet's last 15 epochs. mmcv's resize rounding and
 # cv2's bilinear interpolation (no antialiasing) in both.
@@ -126,10 +128,10 @@ PRESETS = {
     "retinanet": {"canvas_size": retinanet_canvas_size, "train_transforms": retinanet_train_transforms,
                   "eval_transforms": retinanet_eval_transforms, "fill": MEAN_COLOR},
     # mmdet normalises YOLOv3's images to RGB / 255 and pads them with 0: black
-    "yolov3": {"canvas_size": yolov3_canvas_size, "train_transforms": yolov3_train_transforms,
+    "yolov3": {"canvas_size": square_canvas_size, "train_transforms": yolov3_train_transforms,
                "eval_transforms": yolov3_eval_transforms, "fill": (0, 0, 0)},
     # mmdet pads YOLOX's images with 114 and feeds them unnormalised (BGR 0-255)
-    "yolox": {"canvas_size": yolov3_canvas_size, "train_transforms": yolox_train_transforms,
+    "yolox": {"canvas_size": square_canvas_size, "train_transforms": yolox_train_transforms,
               "eval_transforms": yolox_eval_transforms, "fill": (114, 114, 114)},
 }
 

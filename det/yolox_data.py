@@ -327,8 +327,4 @@ class MosaicMixUpDataset(Dataset):
                     break
             image, boxes, labels = mixup(image, boxes, labels, *self._load(other), rng, img_scale=s)
         image, target = transforms(image, {"boxes": boxes, "labels": labels}, rng, img_size=self.img_size)
-        info = self.dataset.coco.imgs[self.dataset.ids[index]]
-        height, width = info["height"], info["width"]
-        meta = {"image_id": info["id"], "file_name": info["file_name"], "orig_size": (height, width),
-                "scale": (image.shape[-2] / height, image.shape[-1] / width)}
-        return image, target, meta
+        return image, target, self.dataset.meta(index, image)

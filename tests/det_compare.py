@@ -124,3 +124,11 @@ def assert_matches_fixture(model, fixture: dict, *, max_det: int) -> None:
     assert any(len(d["scores"]) for d in fixture["detections"])  # the fixture holds detections to compare
     for b, expected in enumerate(fixture["detections"]):  # as sets: the recording CPU's order is not portable
         assert_same_detections({k: v[b] for k, v in out.items()}, expected, max_det=max_det, canvas=CANVAS)
+
+
+def empty_targets(batch: int, max_gt: int, image_size) -> dict[str, torch.Tensor]:
+    """Padded targets without objects: `max_gt` rows per image, none valid; image_size one (h, w) for every image or
+    one per image."""
+    return {"boxes": torch.zeros(batch, max_gt, 4), "labels": torch.zeros(batch, max_gt, dtype=torch.long),
+            "valid": torch.zeros(batch, max_gt, dtype=torch.bool),
+            "image_size": torch.tensor(image_size).expand(batch, 2).clone()}

@@ -17,7 +17,7 @@ from det.anchors import grid_anchors, octave_base_anchors
 from det.backbones import ResNetBackbone
 from det.fpn import FPN
 from det.models import retinanet
-from tests.det_compare import CANVAS, assert_matches_fixture, fixture_batch
+from tests.det_compare import CANVAS, assert_matches_fixture, empty_targets, fixture_batch
 from tests.graph_check import compiled_outputs
 from tests.mmpretrain_fixture import seeded_state_dict
 
@@ -63,11 +63,6 @@ def test_equals_mmdet(name):
     model = getattr(retinanet, name)()
     model.load_state_dict(fixture_state_dict(fixture["keys"]), strict=True)  # mmdet's names are ours
     assert_matches_fixture(model, fixture, max_det=retinanet.TEST_CFG["max_det"])
-
-
-def empty_targets(batch: int, max_gt: int, image_size: list[list[int]]) -> dict[str, torch.Tensor]:
-    return {"boxes": torch.zeros(batch, max_gt, 4), "labels": torch.zeros(batch, max_gt, dtype=torch.long),
-            "valid": torch.zeros(batch, max_gt, dtype=torch.bool), "image_size": torch.tensor(image_size)}
 
 
 def test_no_objects_frozen_stages_and_norm_eval():

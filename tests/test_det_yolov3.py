@@ -13,7 +13,7 @@ from det.assign import grid_assign
 from det.boxes import box_iou
 from det.darknet import Darknet
 from det.models import yolov3
-from tests.det_compare import assert_matches_fixture
+from tests.det_compare import assert_matches_fixture, empty_targets
 from tests.graph_check import compiled_outputs
 from tests.mmpretrain_fixture import seeded_state_dict
 
@@ -29,12 +29,6 @@ def adjust_fixture_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         bias[:, 4] -= 5.0
         bias[:, 5:] -= 3.0
     return state
-
-
-def empty_targets(batch: int, max_gt: int, height: int, width: int) -> dict[str, torch.Tensor]:
-    return {"boxes": torch.zeros(batch, max_gt, 4), "labels": torch.zeros(batch, max_gt, dtype=torch.long),
-            "valid": torch.zeros(batch, max_gt, dtype=torch.bool),
-            "image_size": torch.tensor([[height, width]]).repeat(batch, 1)}
 
 
 def test_parameter_count():
@@ -125,11 +119,11 @@ def test_no_objects_and_padding():
     """An image without objects trains on the objectness alone; padding rows change nothing."""
     model = yolov3.yolov3_d53(num_classes=5, norm_eval=False).train()
     images = torch.randint(0, 256, (2, 3, 96, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    losses = model(images, empty_targets(2, 4, 96, 128))
+    losses = model(images, empty_targets(2, 4, (96, 128)))
     assert losses["loss_conf"] > 0 and all(losses[k] == 0 for k in ("loss_cls", "loss_xy", "loss_wh"))
     sum(losses.values()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    few, many = empty_targets(2, 1, 96, 128), empty_targets(2, 8, 96, 128)
+    few, many = empty_targets(2, 1, (96, 128)), empty_targets(2, 8, (96, 128))
     for t in (few, many):
         t["boxes"][1, 0], t["labels"][1, 0], t["valid"][1, 0] = torch.tensor([10.0, 20, 70, 90]), 3, True
     many["boxes"][1, 1:] = torch.tensor([5.0, 5, 50, 50])  # junk in padding rows
@@ -146,7 +140,7 @@ def test_train_forward_compiles_as_one_graph():
     """Backbone, neck, head, anchors, responsible cells, assignment and losses: no graph break, no host sync."""
     model = yolov3.yolov3_d53(num_classes=4).train()
     images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    targets = empty_targets(2, 2, 64, 96)
+    targets = empty_targets(2, 2, (64, 96))
     targets["boxes"][0, 0], targets["labels"][0, 0], targets["valid"][0, 0] = torch.tensor([4.0, 6, 60, 50]), 2, True
     got = compiled_outputs(model, images, targets)
     want = model(images, targets)

@@ -13,7 +13,7 @@ from torch import nn
 
 from det.assign import simota_assign
 from det.models import yolox
-from tests.det_compare import CANVAS, LOSS_REL, assert_same_detections, fixture_batch
+from tests.det_compare import CANVAS, LOSS_REL, assert_same_detections, empty_targets, fixture_batch
 from tests.graph_check import compiled_outputs
 from tests.mmpretrain_fixture import seeded_state_dict
 
@@ -40,16 +40,10 @@ def statistics_from_one_batch(model: nn.Module) -> None:
             m.momentum = None
 
 
-def empty_targets(batch: int, max_gt: int, height: int, width: int) -> dict[str, torch.Tensor]:
-    return {"boxes": torch.zeros(batch, max_gt, 4), "labels": torch.zeros(batch, max_gt, dtype=torch.long),
-            "valid": torch.zeros(batch, max_gt, dtype=torch.bool),
-            "image_size": torch.tensor([[height, width]]).repeat(batch, 1)}
-
-
 def small_batch() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Two 64 x 96 images: one with two objects (padded to three rows), one without."""
     images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    targets = empty_targets(2, 3, 64, 96)
+    targets = empty_targets(2, 3, (64, 96))
     targets["boxes"][0, :2] = torch.tensor([[4.0, 6, 40, 50], [30, 10, 90, 60]])
     targets["labels"][0, :2] = torch.tensor([3, 7])
     targets["valid"][0, :2] = True
