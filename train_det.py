@@ -45,7 +45,7 @@ from det.yolox_data import MosaicMixUpDataset
 RECIPE_FLAGS = {"lr": "blr", "schedule": "lr_scheduler"} | {key: key for key in (
     "img_size", "batch_size", "lr_batch", "momentum", "weight_decay", "epochs", "lr_steps", "warmup_iters",
     "warmup_factor", "repeat", "clip_grad", "norm_weight_decay", "nesterov", "warmup", "min_lr_ratio", "hold_epochs",
-    "ema", "ema_decay", "ema_gamma", "multiscale", "multiscale_interval", "no_aug_epochs")}
+    "ema", "ema_eval", "ema_decay", "ema_gamma", "multiscale", "multiscale_interval", "no_aug_epochs")}
 
 
 def get_args_parser(model: str = "ssd300") -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from torchvision.transforms import InterpolationMode
 from cls import data
 from cls.models import build_model
 from cls.models.efficientnet import ADVPROP_MEAN, ADVPROP_STD
-from common.checkpoint import load_checkpoint
+from common.checkpoint import load_checkpoint, state_dict_of
 from common.device import resolve_device
 from common.images import to_rgb
 
@@ -52,7 +52,7 @@ def load(weights: str | Path, device: str | torch.device = "cpu") -> torch.nn.Mo
     transform = data.eval_transform(args.get("val_resize_size") or resize, args.get("val_crop_size") or crop,
                                     interpolation, mean, std)
     model = build_model(arch, num_classes=len(extra["classes"]), **({"tf_same_padding": True} if advprop else {}))
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state_dict_of(state))
     model.predict_info = {"arch": arch, "classes": list(extra["classes"]), "transform": transform}
     return model.to(device).eval()
 

@@ -210,12 +210,25 @@ def restore_training_state(
     return {"epoch": state["epoch"], "batch": batch, "step": state["step"], "best_metric": state["best_metric"]}
 
 
+def state_dict_of(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The weights inside a checkpoint: for a training checkpoint of ours ({"model": ...}) the ones it is used with
+    (--weights, --test-only, predict), which are its EMA's when the run evaluated the average in place of the model
+    (--ema-eval instead, as mmdet's EMAHook saves the average as the weights); OpenMMLab's {"state_dict": ...}; or
+    the checkpoint itself (a bare state dict, torchvision's). Names as stored (`module.` prefixes included)."""
+    if "model" not in checkpoint:
+        return checkpoint.get("state_dict", checkpoint)
+    ema, args = checkpoint.get("model_ema"), checkpoint.get("args") or {}
+    if ema is None or args.get("ema_eval") != "instead":
+        return checkpoint["model"]
+    return {k.removeprefix("module."): v for k, v in ema.items() if k != "n_averaged"}  # AveragedModel's names
+
+
 def describe(checkpoint: dict) -> str:
     """What a checkpoint holds, for error messages: our scripts' model name, else its leading key prefixes."""
     extra = checkpoint.get("extra") if isinstance(checkpoint.get("extra"), dict) else {}
     if extra.get("arch") or extra.get("model"):
         return f"it is a checkpoint of {extra.get('arch') or extra.get('model')}"
-    tensors = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
+    tensors = state_dict_of(checkpoint)
     prefixes = sorted({k.removeprefix("module.").split(".")[0] for k in tensors if isinstance(k, str)})
     return f"it holds {len(tensors)} entries under {', '.join(p + '.*' for p in prefixes[:6])}"
 

@@ -99,8 +99,12 @@ def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
                    help="iterations between log lines (and a line at least every 30 s)")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write the log's scalars to OUTPUT_DIR/tensorboard (needs: pip install tensorboard)")
-    g.add_argument("--ema", "--model-ema", action="store_true",
+    g.add_argument("--ema", "--model-ema", action=argparse.BooleanOptionalAction, default=False,
                    help="keep and evaluate an exponential moving average of the weights")
+    g.add_argument("--ema-eval", choices=["beside", "instead"], default="beside",
+                   help="beside: the model and its average are both evaluated, best.pth by the model (torchvision's "
+                        "references); instead: the average alone is evaluated, picks best.pth, and is what "
+                        "--weights, --test-only and predict load from the checkpoint (mmdet's EMAHook)")
     g.add_argument("--ema-decay", "--model-ema-decay", type=non_negative_float, default=0.9998,
                    help="EMA weight of the old average per update")
     g.add_argument("--ema-gamma", type=positive_float,

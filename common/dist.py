@@ -60,6 +60,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def average_norm_statistics(model: torch.nn.Module) -> None:
+    """Replace every BatchNorm's running mean and variance by their average over the ranks (mmdet's SyncNormHook,
+    run before each evaluation): without SyncBatchNorm each rank's statistics follow its own shard of the data, so
+    the ranks would evaluate, and rank 0 would save, slightly different models. One all-reduce of all of them."""
+    if not dist.is_initialized():
+        return
+    stats = [buf for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats for buf in (m.running_mean, m.running_var)]
+    if stats:
+        flat = torch.cat([s.flatten() for s in stats])
+        dist.all_reduce(flat)
+        for s, avg in zip(stats, (flat / get_world_size()).split([s.numel() for s in stats]), strict=True):
+            s.copy_(avg.view_as(s))
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is True on any: a host-side all-reduce (gloo), so the device is not synced."""
     if not dist.is_initialized():

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from common.dist import any_rank, print0, stop_if_not_finite
+from common.dist import any_rank, average_norm_statistics, print0, stop_if_not_finite
 from common.logger import write_json
 from common.optim import apply_gradients, ema_model
 
@@ -31,12 +31,20 @@ def wrap_model(model: nn.Module, args: argparse.Namespace, device: torch.device)
 
 def evaluate_and_log(evaluate: Callable[..., dict], model: nn.Module, model_ema: nn.Module | None,
                      args: argparse.Namespace, **tags) -> dict:
-    """Run the script's `evaluate(model, header=...)` on the model and, with --ema, on its average; append both
-    results to the JSON log with `tags` (epoch, step); return the model's."""
-    stats = evaluate(model, header="Test")
-    write_json(args.log_file, {"mode": "val", **tags, **stats})
+    """Run the script's `evaluate(model, header=...)` on the model and, with --ema, on its average (--ema-eval
+    instead: on the average alone); append the results to the JSON log (modes "val", "val_ema") with `tags` (epoch,
+    step); return the ones that pick best.pth: the model's, or the average's with --ema-eval instead. Each evaluated
+    model's BatchNorm statistics are first averaged over the ranks (mmdet's SyncNormHook)."""
+    stats = None
+    if model_ema is None or args.ema_eval == "beside":
+        average_norm_statistics(model)
+        stats = evaluate(model, header="Test")
+        write_json(args.log_file, {"mode": "val", **tags, **stats})
     if model_ema is not None:
-        write_json(args.log_file, {"mode": "val_ema", **tags, **evaluate(model_ema, header="Test (EMA)")})
+        average_norm_statistics(model_ema)
+        ema_stats = evaluate(model_ema, header="Test (EMA)")
+        write_json(args.log_file, {"mode": "val_ema", **tags, **ema_stats})
+        stats = stats if args.ema_eval == "beside" else ema_stats
     return stats
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from common.checkpoint import load_checkpoint
+from common.checkpoint import load_checkpoint, state_dict_of
 from common.device import resolve_device
 from common.images import to_rgb
 from det import data
@@ -47,7 +47,7 @@ def load(weights: str | Path, device: str | torch.device = "cpu", *, model_name:
     if name is None or "classes" not in extra:
         raise ValueError(f"{weights} has no model name or class names: pass a checkpoint of train_det.py")
     model = build_model(name, num_classes=len(extra["classes"]))
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state_dict_of(state))
     model.predict_info = {"model": name, "preset": RECIPES[name]["preset"],
                           "img_size": img_size or extra.get("img_size") or RECIPES[name]["img_size"],
                           "classes": list(extra["classes"])}

@@ -302,3 +302,54 @@ def test_exp_momentum_ema_follows_mmdet():
             want[k] = v.clone() if n == 0 or not v.is_floating_point() else want[k] * (1 - weight) + v * weight
     for k, v in ema.module.state_dict().items():
         torch.testing.assert_close(v, want[k], msg=k)
+
+
+def test_ema_evaluated_instead_of_the_model(tmp_path):
+    """--ema-eval instead (mmdet's EMAHook): only the average is evaluated, its figures pick best.pth, and the
+    checkpoint's weights for --weights / predict are the average's; beside (torchvision's): both evaluated, the
+    model's figures and weights count."""
+    from common.loop import evaluate_and_log
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = ema_model(model, decay=0.5)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # the model moves on; the average stays behind
+    evaluated = []
+
+    def evaluate(m, header):
+        evaluated.append(header)
+        return {"AP": float(m(torch.ones(3, 2)).sum().detach())}
+
+    for mode, headers in (("beside", ["Test", "Test (EMA)"]), ("instead", ["Test (EMA)"])):
+        evaluated.clear()
+        args = argparse.Namespace(ema_eval=mode, log_file=tmp_path / f"{mode}.jsonl")
+        stats = evaluate_and_log(evaluate, model, ema, args, epoch=0)
+        logged = [json.loads(line) for line in args.log_file.read_text().splitlines()]
+        assert evaluated == headers and [r["mode"] for r in logged] == ["val", "val_ema"][-len(headers):]
+        assert stats == {k: v for k, v in logged[0 if mode == "beside" else -1].items() if k == "AP"}
+        checkpoint = {"model": model.state_dict(), "model_ema": ema.state_dict(), "args": {"ema_eval": mode}}
+        want = (model if mode == "beside" else ema.module).state_dict()
+        got = ckpt.state_dict_of(checkpoint)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(model[0].weight, ema.module[0].weight)  # the two cases differ
+    assert ckpt.state_dict_of({"state_dict": {"w": 1}}) == {"w": 1}  # OpenMMLab's, and bare state dicts
+    assert ckpt.state_dict_of({"w": 1}) == {"w": 1}
+
+
+def _rank_norm_statistics(rank: int, init_file: str, out_file: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    from common.dist import average_norm_statistics
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.BatchNorm2d(2, track_running_stats=False))
+    model[1].running_mean.fill_(rank + 1.0)
+    model[1].running_var.fill_(10.0 * (rank + 1))
+    average_norm_statistics(model)
+    torch.save(model.state_dict(), f"{out_file}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_norm_statistics_are_averaged_over_ranks(tmp_path):
+    """mmdet's SyncNormHook before evaluation: each rank's BatchNorm running statistics become the ranks' mean."""
+    torch.multiprocessing.spawn(_rank_norm_statistics, args=(str(tmp_path / "init"), str(tmp_path / "bn")), nprocs=2)
+    for rank in range(2):
+        state = torch.load(tmp_path / f"bn.{rank}")
+        assert torch.equal(state["1.running_mean"], torch.full((2,), 1.5))
+        assert torch.equal(state["1.running_var"], torch.full((2,), 15.0))

@@ -18,6 +18,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from common.checkpoint import state_dict_of
 from det.models import retinanet, ssd, ssdlite, yolov3, yolox
 
 FAMILIES = (ssd, ssdlite, retinanet, yolov3, yolox)
@@ -52,12 +53,10 @@ def load_backbone_weights(name: str, model: nn.Module, checkpoint: dict) -> dict
 
 
 def to_our_names(name: str, checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The model state dict inside a checkpoint of ours ({"model": ...}), of mmdet ({"state_dict": ...}, renamed by
-    the family's `from_mmdet`) or saved from a DistributedDataParallel wrapper."""
-    if "model" in checkpoint:
-        state_dict = checkpoint["model"]
-    elif "state_dict" in checkpoint:
-        state_dict = family(name).from_mmdet(checkpoint["state_dict"])
-    else:
-        state_dict = checkpoint
+    """The model state dict inside a checkpoint of ours ({"model": ...}; the EMA's weights when its run evaluated
+    them in place of the model, see common.checkpoint.state_dict_of), of mmdet ({"state_dict": ...}, renamed by the
+    family's `from_mmdet`) or saved from a DistributedDataParallel wrapper."""
+    state_dict = state_dict_of(checkpoint)
+    if "model" not in checkpoint and "state_dict" in checkpoint:
+        state_dict = family(name).from_mmdet(state_dict)
     return {k.removeprefix("module."): v for k, v in state_dict.items()}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.checkpoint import load_model_weights
+from common.checkpoint import load_model_weights, state_dict_of
 from det.anchors import _centred_boxes, grid_anchors
 from det.assign import gather_gt, grid_assign
 from det.boxes import box_area, box_iou
@@ -230,7 +230,7 @@ def from_mmdet(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 def load_backbone_weights(model: YOLOV3, checkpoint: dict) -> dict[str, list[str]]:
     """A Darknet-53 checkpoint into `model.backbone`: mmdet's ImageNet one (open-mmlab://darknet53, keys as
     Darknet's) or a detector's `backbone.*` keys. Returns load_model_weights' report."""
-    state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
+    state = state_dict_of(checkpoint)
     return load_model_weights(model.backbone, {k.removeprefix("backbone."): v for k, v in state.items()})
 
 

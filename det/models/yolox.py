@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.checkpoint import load_model_weights
+from common.checkpoint import load_model_weights, state_dict_of
 from common.dist import all_reduce_sum, get_world_size
 from det.anchors import grid_anchors
 from det.assign import gather_gt, simota_assign
@@ -240,7 +240,7 @@ def load_backbone_weights(model: YOLOX, checkpoint: dict) -> dict[str, list[str]
     {"model": ...} or mmdet's {"state_dict": ...}). No ImageNet classification checkpoint exists for this backbone
     (mmdet trains YOLOX from scratch; cls/models/cspnet.py's cspdarknet53 is another network), and one that does not
     fit is refused by load_model_weights. Returns its report."""
-    state_dict = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
+    state_dict = state_dict_of(checkpoint)
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     if any(k.startswith("backbone.") for k in state_dict):
         state_dict = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
@@ -253,7 +253,7 @@ def load_backbone_weights(model: YOLOX, checkpoint: dict) -> dict[str, list[str]
 # iteration), cosine to 0.05 x LR at epoch 285, then constant. YOLOXModeSwitchHook turns off Mosaic / RandomAffine /
 # MixUp and sets bbox_head.use_l1 once epoch + 1 >= 300 - 15 (0-based: the last 16 epochs); EMA of weights and
 # buffers, ExpMomentumEMA momentum 1e-4 (decay 0.9999) and gamma 2000, evaluated and saved by mmdet in place of the
-# model; SyncNormHook averages BN statistics over ranks before each evaluation (every 10 epochs). Data: Mosaic (640),
+# model (ema_eval "instead"); SyncNormHook averages BN statistics over ranks before each evaluation (every 10 epochs). Data: Mosaic (640),
 # RandomAffine (scale 0.1-2), MixUp (0.8-1.6), HSV jitter, flip, keep-ratio resize to 640, pad to square with 114
 # (det/yolox_data.py); per batch a canvas of 480-800 px (0.75-1.25 x 640) in steps of 32, redrawn every 10
 # iterations (BatchSyncRandomResize: --multiscale); images without objects stay in the training set. Evaluation:
@@ -264,8 +264,8 @@ RECIPES = {
                     weight_decay=5e-4, epochs=300, schedule="cosine", lr_steps=(), warmup_iters=5 * 1849,
                     warmup_factor=0.0, repeat=1, clip_grad=None, iou_type="bbox", metric="AP",
                     norm_weight_decay=0.0, nesterov=True, warmup="quadratic", min_lr_ratio=0.05, hold_epochs=15,
-                    no_aug_epochs=15, ema=True, ema_decay=0.9999, ema_gamma=2000, multiscale=(0.75, 1.25),
-                    multiscale_interval=10),
+                    no_aug_epochs=15, ema=True, ema_eval="instead", ema_decay=0.9999, ema_gamma=2000,
+                    multiscale=(0.75, 1.25), multiscale_interval=10),
 }
 
 
