@@ -44,8 +44,9 @@ from det.yolox_data import MosaicMixUpDataset
 # has the first keys, the optional ones (from norm_weight_decay on) only where its config departs from the default
 RECIPE_FLAGS = {"lr": "blr", "schedule": "lr_scheduler"} | {key: key for key in (
     "img_size", "batch_size", "lr_batch", "momentum", "weight_decay", "epochs", "lr_steps", "warmup_iters",
-    "warmup_factor", "repeat", "clip_grad", "norm_weight_decay", "nesterov", "warmup", "min_lr_ratio", "hold_epochs",
-    "ema", "ema_eval", "ema_decay", "ema_gamma", "multiscale", "multiscale_interval", "no_aug_epochs")}
+    "warmup_factor", "repeat", "clip_grad", "norm_weight_decay", "bias_weight_decay", "bias_lr_mult", "nesterov",
+    "warmup", "min_lr_ratio", "hold_epochs", "ema", "ema_eval", "ema_decay", "ema_gamma", "multiscale",
+    "multiscale_interval", "no_aug_epochs")}
 
 
 def get_args_parser(model: str = "ssd300") -> argparse.ArgumentParser:
@@ -87,6 +88,11 @@ def get_args_parser(model: str = "ssd300") -> argparse.ArgumentParser:
     g.add_argument("--norm-weight-decay", type=cli.non_negative_float,
                    help="weight decay of norm layers and biases (default: --wd's, as mmdet decays every parameter "
                         "unless a config says otherwise)")
+    g.add_argument("--bias-weight-decay", type=cli.non_negative_float,
+                   help="weight decay of every bias, norm layers' too (default: --norm-weight-decay's; FCOS: 0, "
+                        "mmdet's bias_decay_mult)")
+    g.add_argument("--bias-lr-mult", type=cli.positive_float, default=1.0,
+                   help="LR factor of the biases outside norm layers (FCOS: 2, mmdet's bias_lr_mult)")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="Nesterov SGD")
     g.add_argument("--lr-scheduler", "--schedule", type=cli.scheduler_name, choices=["multistep", "cosine"],
                    help="multistep: x0.1 at each of --lr-steps; cosine: down to 0 at the end (torchvision's "
@@ -278,7 +284,8 @@ def main(args: argparse.Namespace) -> None:
         print0(f"{args.model}: canvas {args.img_size}, LR {args.lr:g} (--lr, as given), global batch {global_batch}")
     norm_weight_decay = args.weight_decay if args.norm_weight_decay is None else args.norm_weight_decay
     optimizer = build_optimizer(args.opt, model_without_ddp, args.lr, args.momentum, args.weight_decay,
-                                norm_weight_decay, nesterov=args.nesterov)
+                                norm_weight_decay, nesterov=args.nesterov, bias_weight_decay=args.bias_weight_decay,
+                                bias_lr_mult=args.bias_lr_mult)
     scaler = grad_scaler(device, args.amp)
     steps_per_epoch = len(train_loader) // args.accum_steps
     if steps_per_epoch == 0:

@@ -12,25 +12,48 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+# what mmengine's DefaultOptimWrapperConstructor counts as a norm layer
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
-def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float = 0.0) -> list[dict]:
+
+def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float = 0.0, *,
+                 bias_weight_decay: float | None = None, bias_lr_mult: float = 1.0) -> list[dict]:
     """Two groups: weights of convs and linears decay by `weight_decay`, norm scales/shifts and biases (1-d tensors)
     by `norm_weight_decay`, 0 by default: decaying BN's gamma/beta or biases only fights the normalisation (Goyal et
-    al. 2017, "no bias decay"); torchvision's --norm-weight-decay sets it."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
+    al. 2017, "no bias decay"); torchvision's --norm-weight-decay sets it.
+
+    bias_weight_decay / bias_lr_mult (mmengine's paramwise_cfg bias_decay_mult / bias_lr_mult, e.g. FCOS's 0 and 2):
+    parameters named `bias` move to two more groups, both decaying by bias_weight_decay (norm layers' shifts too, as
+    mmengine's order of rules gives), the ones outside norm layers learning at bias_lr_mult x the LR (the group's
+    "lr_mult", which apply_gradients reads). The defaults (None, 1) keep the two groups."""
+    split_biases = bias_weight_decay is not None or bias_lr_mult != 1.0
+    decay, no_decay, biases, norm_biases = [], [], [], []
+    for full_name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        owner, _, name = full_name.rpartition(".")
+        if split_biases and name == "bias":
+            (norm_biases if isinstance(model.get_submodule(owner), NORM_LAYERS) else biases).append(p)
+        else:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": norm_weight_decay}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": norm_weight_decay}]
+    if split_biases:
+        bias_decay = norm_weight_decay if bias_weight_decay is None else bias_weight_decay
+        groups += [{"params": biases, "weight_decay": bias_decay, "lr_mult": bias_lr_mult},
+                   {"params": norm_biases, "weight_decay": bias_decay}]
+    return groups
 
 
 def build_optimizer(
     name: str, model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
-    norm_weight_decay: float = 0.0, nesterov: bool = False,
+    norm_weight_decay: float = 0.0, nesterov: bool = False, *, bias_weight_decay: float | None = None,
+    bias_lr_mult: float = 1.0,
 ) -> torch.optim.Optimizer:
     """sgd (mmcls/torchvision ResNet recipe; `nesterov` for YOLOX's), adamw, or rmsprop with TensorFlow's alpha/eps
-    (MobileNet/EfficientNet recipes: eps 0.0316 ~ sqrt(1e-3) because TF puts eps inside the square root)."""
-    groups = param_groups(model, weight_decay, norm_weight_decay)
+    (MobileNet/EfficientNet recipes: eps 0.0316 ~ sqrt(1e-3) because TF puts eps inside the square root).
+    Parameter groups as param_groups makes them."""
+    groups = param_groups(model, weight_decay, norm_weight_decay, bias_weight_decay=bias_weight_decay,
+                          bias_lr_mult=bias_lr_mult)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     if name == "adamw":
@@ -102,10 +125,11 @@ def epoch_schedule(
 def apply_gradients(
     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, parameters, *, lr: float, clip_grad: float = 0.0
 ) -> None:
-    """One optimizer step on the accumulated gradients: set the LR, unscale and clip the global gradient norm
-    (if clip_grad > 0), step through the loss scaler (which skips steps with inf/NaN fp16 gradients), zero grads."""
+    """One optimizer step on the accumulated gradients: set the LR (times a group's "lr_mult"), unscale and clip the
+    global gradient norm (if clip_grad > 0), step through the loss scaler (which skips steps with inf/NaN fp16
+    gradients), zero grads."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
     if clip_grad > 0:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(parameters, clip_grad)

@@ -1,10 +1,10 @@
-"""Which anchor learns which object: the max-IoU assigner, YOLOv3's grid assigner, YOLOX's SimOTA and SSD's
-hard-negative mining, for a whole batch.
+"""Which anchor learns which object: the max-IoU assigner, YOLOv3's grid assigner, YOLOX's SimOTA, FCOS's point
+assignment and SSD's hard-negative mining, for a whole batch.
 
 All work on ground truth padded to M boxes per image (`valid [B, M]` marks the real ones) and return masks, never
 index lists: no `.nonzero()`, boolean indexing, `.item()` or Python loop over images, so the shapes do not depend
 on the data and a training step compiles to one graph. Per-image loop references live in the tests
-(tests/test_det_core.py, tests/test_det_yolov3.py, tests/test_det_yolox.py).
+(tests/test_det_core.py, tests/test_det_yolov3.py, tests/test_det_yolox.py, tests/test_det_fcos.py).
 """
 import torch
 from torch import Tensor
@@ -92,6 +92,34 @@ def grid_assign(
     matched = torch.where(claim > 0, claim - 1, matched)
     pos = pos | (claim > 0)
     return matched, pos, neg & ~pos
+
+
+def point_assign(points: Tensor, regress_ranges: Tensor, gt_boxes: Tensor,
+                 gt_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """FCOS's assignment (Tian et al. 2019, sec. 3.1-3.2): mmdet 3.3.0's FCOSHead._get_targets_single without centre
+    sampling, for a whole batch.
+
+    points [A, 2] (x, y), regress_ranges [A, 2] (low, high) of each point's level, gt_boxes [B, M, 4], gt_valid
+    [B, M]. Returns (matched [B, A] gt index, pos [B, A], distances [B, A, 4] (left, top, right, bottom) from each
+    point to its gt's sides, meaningful where pos).
+
+    A gt can claim a point that lies strictly inside it (all four distances > 0) and whose largest distance lies in
+    the point's range (both ends included); of those, the gt of smallest area takes the point, the first listed on
+    ties (mmdet's areas.min). Padding gts and non-claims get an infinite area, so a point nobody claims stays
+    background and an image without objects has no positives.
+    """
+    x, y = points[None, :, None, 0], points[None, :, None, 1]  # [1, A, 1]
+    x1, y1, x2, y2 = gt_boxes[:, None].unbind(-1)  # [B, 1, M] each
+    left, top, right, bottom = x - x1, y - y1, x2 - x, y2 - y  # [B, A, M] each: never stacked into [B, A, M, 4]
+    inside = torch.minimum(torch.minimum(left, top), torch.minimum(right, bottom)) > 0
+    largest = torch.maximum(torch.maximum(left, top), torch.maximum(right, bottom))
+    in_range = (largest >= regress_ranges[:, 0, None]) & (largest <= regress_ranges[:, 1, None])  # [B, A, M]
+    claims = inside & in_range & gt_valid[:, None, :]
+    area = torch.where(claims, (x2 - x1) * (y2 - y1), float("inf"))  # [B, A, M]
+    min_area, matched = area.min(dim=2)  # [B, A]; torch, as mmdet, returns the first of equal minima
+    gt = gather_gt(gt_boxes, matched)  # [B, A, 4] the matched gt, distances recomputed as mmdet computes them
+    distances = torch.cat([points - gt[..., :2], gt[..., 2:] - points], dim=-1)
+    return matched, min_area < float("inf"), distances
 
 
 def gather_gt(values: Tensor, matched: Tensor) -> Tensor:

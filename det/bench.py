@@ -7,9 +7,11 @@ ours spent in target assignment + loss.
 
 A step is forward, loss, backward and an SGD step on random images with `--num-gt` random objects each, on the
 model's canvas. "assignment + loss" is our loss function's forward and backward alone, on fixed head outputs.
-The twins: torchvision's ssd300_vgg16 (81 classes: the same network as mmdet's SSD300) and retinanet_resnet50_fpn
-built in mmdet's style (frozen BatchNorm, stem and layer1 frozen; its P6 comes from P5, so it is 4.1 M parameters
-lighter), both with their internal resize turned off, as the images are already on the canvas.
+The twins: torchvision's ssd300_vgg16 (81 classes: the same network as mmdet's SSD300), retinanet_resnet50_fpn and
+fcos_resnet50_fpn, both built in mmdet's style (frozen BatchNorm, stem and layer1 frozen; RetinaNet's P6 comes from
+P5, so it is 4.1 M parameters lighter; FCOS's backbone is pytorch-style, its head has GN(16), centerness on the box
+tower, GIoU loss and centre sampling), all with their internal resize turned off, as the images are already on the
+canvas.
 """
 import argparse
 import statistics
@@ -22,20 +24,20 @@ from common.device import autocast, grad_scaler, resolve_device, synchronize
 from det.models import MODELS, RECIPES, build_model
 from det.presets import get_preset
 
-TWINS = ("ssd300", "retinanet_r50")
+TWINS = ("ssd300", "retinanet_r50", "fcos_r50")
 
 
 def torchvision_twin(name: str, num_classes: int) -> nn.Module:
     from torchvision.models import resnet50
-    from torchvision.models.detection import retinanet, ssd300_vgg16
+    from torchvision.models.detection import FCOS, retinanet, ssd300_vgg16
     from torchvision.ops import FrozenBatchNorm2d
 
     if name == "ssd300":
         model = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=num_classes + 1)  # + background
-    else:
+    else:  # fcos_resnet50_fpn's and retinanet_resnet50_fpn's backbone with pretrained weights: 3 layers train
         backbone = retinanet._resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3, returned_layers=[2, 3, 4],
                                                    extra_blocks=retinanet.LastLevelP6P7(256, 256))
-        model = retinanet.RetinaNet(backbone, num_classes)
+        model = (FCOS if name == "fcos_r50" else retinanet.RetinaNet)(backbone, num_classes)
     model.transform.resize = lambda image, target=None: (image, target)  # images arrive on the canvas
     return model
 

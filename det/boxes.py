@@ -1,4 +1,5 @@
-"""Box arithmetic shared by every detector: areas, IoU for whole batches, and the anchor delta coder.
+"""Box arithmetic shared by every detector: areas, IoU for whole batches, the anchor delta coder and the point
+distance coder.
 
 Boxes are (x1, y1, x2, y2) in pixels, last dimension 4; leading dimensions broadcast, so one call serves a single
 image ([N, 4] vs [M, 4]) or a padded batch ([B, N, 4] vs [B, M, 4]).
@@ -60,6 +61,12 @@ def decode_deltas(
     xy = anchor_xy + anchor_wh * deltas[..., :2]
     wh = anchor_wh * deltas[..., 2:].clamp(min=-max_ratio, max=max_ratio).exp()
     return torch.cat([xy - wh * 0.5, xy + wh * 0.5], dim=-1)
+
+
+def distance_to_box(points: Tensor, distances: Tensor) -> Tensor:
+    """Boxes from points [..., 2] (x, y) and their distances [..., 4] (left, top, right, bottom) to the box's sides,
+    broadcasting: the anchor-free heads' coder (mmdet's DistancePointBBoxCoder.decode, clipping left to the caller)."""
+    return torch.cat([points - distances[..., :2], points + distances[..., 2:]], dim=-1)
 
 
 def clip_boxes(boxes: Tensor, image_size: Tensor) -> Tensor:

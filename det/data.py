@@ -183,15 +183,18 @@ class CocoDetection(Dataset):
         return image, target, self.meta(index, image)
 
 
-def collate(batch: Sequence[tuple], *, max_gt: int | None, preset: str,
-            img_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[dict]]:
+def collate(batch: Sequence[tuple], *, max_gt: int | None, preset: str, img_size: int,
+            evaluation: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[dict]]:
     """Items of CocoDetection -> (images, targets, metas) of the module docstring. The canvas follows the first
     file's orientation (not the resized image's: rounding can make a portrait image square), the batch sampler keeps
-    orientations apart."""
+    orientations apart; with `evaluation`, the preset's "eval_canvas_size" where it has one."""
     images, targets, metas = zip(*batch, strict=True)
     landscape = metas[0]["orig_size"][1] >= metas[0]["orig_size"][0]
     preset_fns = get_preset(preset)
-    height, width = preset_fns["canvas_size"](img_size, landscape)
+    canvas_size = preset_fns["canvas_size"]
+    if evaluation:
+        canvas_size = preset_fns.get("eval_canvas_size", canvas_size)
+    height, width = canvas_size(img_size, landscape)
     counts = [len(t["labels"]) for t in targets]
     if max_gt is None:  # 32, 64, 128, ...: a few shapes over a run, as mmdet's Ascend heads pad
         max_gt = 32
@@ -284,7 +287,8 @@ def build_loaders(
                               collate_fn=partial(collate, max_gt=max_gt, preset=preset, img_size=img_size), **common)
     shard = GroupedBatchSampler(range(rank, len(val), world_size), groups(val), batch_size, drop_last=False)
     val_loader = DataLoader(val, batch_sampler=shard, generator=torch.Generator(),
-                            collate_fn=partial(collate, max_gt=None, preset=preset, img_size=img_size), **common)
+                            collate_fn=partial(collate, max_gt=None, preset=preset, img_size=img_size,
+                                               evaluation=True), **common)
     return train_loader, val_loader
 
 

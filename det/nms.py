@@ -14,7 +14,8 @@ from det.boxes import box_area, box_iou, clip_boxes
 Detections = tuple[Tensor, Tensor, Tensor, Tensor]  # boxes [B, K, 4], scores [B, K], labels [B, K], valid [B, K]
 
 
-def _pad_to(k: int, boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor) -> Detections:
+def pad_detections(k: int, boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor) -> Detections:
+    """Detections [B, N, ...] padded to [B, k, ...] with invalid zero rows when N < k (as they are when N >= k)."""
     missing = k - scores.shape[1]
     if missing <= 0:
         return boxes, scores, labels, valid
@@ -71,7 +72,7 @@ def batched_nms(
         if torch.equal(new_keep, keep):
             break
         keep = new_keep
-    boxes, scores, labels, keep = _pad_to(max_det, boxes, scores, labels, keep)
+    boxes, scores, labels, keep = pad_detections(max_det, boxes, scores, labels, keep)
     top, index = scores.masked_fill(~keep, float("-inf")).topk(max_det, dim=1)
     return (boxes.gather(1, index[..., None].expand(-1, -1, 4)), top.masked_fill(top == float("-inf"), 0.0),
             labels.gather(1, index), keep.gather(1, index))
@@ -79,18 +80,24 @@ def batched_nms(
 
 def select_and_nms(
     boxes: Tensor, scores: Tensor, level_sizes: list[int], image_size: Tensor, *, nms_pre: int, score_thr: float,
-    iou_thr: float, max_det: int, max_candidates: int = 1000,
+    iou_thr: float, max_det: int, max_candidates: int = 1000, score_factors: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """mmdet's `predict_by_feat` after decoding, batched and static in shape.
 
     boxes [B, A, 4] decoded xyxy (one per anchor or point), scores [B, A, C] class probabilities (no background
     column), level_sizes: A per level (sum = A), image_size [B, 2] (h, w) to clip to. Per level the `nms_pre` best
     (location, class) pairs above `score_thr`, clipped; zero-size boxes dropped (mmdet's min_bbox_size 0);
-    class-wise NMS over the `max_candidates` best of those; the `max_det` best.
+    class-wise NMS over the `max_candidates` best of those; the `max_det` best. score_factors [B, A] (FCOS's
+    centerness, or None): mmdet's `with_score_factors`, which picks the candidates by class score alone and then
+    multiplies each candidate's score by its location's factor, before NMS ranks them.
     Returns {"boxes": [B, max_det, 4], "scores", "labels", "valid": [B, max_det]}.
     """
+    if score_factors is not None:  # rides along as a fifth box column, so the candidates keep their own
+        boxes = torch.cat([boxes, score_factors[..., None]], dim=-1)
     cand_boxes, cand_scores, cand_labels, cand_valid = topk_candidates(scores, boxes, level_sizes, nms_pre=nms_pre,
                                                                        score_thr=score_thr)
+    if score_factors is not None:
+        cand_boxes, cand_scores = cand_boxes[..., :4], cand_scores * cand_boxes[..., 4]
     cand_boxes = clip_boxes(cand_boxes, image_size)  # elementwise: the same as clipping all A boxes first
     valid = cand_valid & (box_area(cand_boxes) > 0)  # positive width and height
     boxes, scores, labels, valid = batched_nms(cand_boxes, cand_scores, cand_labels, valid, iou_thr=iou_thr,

@@ -111,7 +111,7 @@ def _detect_one(model: nn.Module, pixels: Tensor, info: dict, device: torch.devi
     meta = {"image_id": 0, "file_name": "", "orig_size": (h0, w0),
             "scale": (resized.shape[-2] / h0, resized.shape[-1] / w0)}
     batch, targets, metas = data.collate([(resized, no_boxes, meta)], max_gt=None, preset=info["preset"],
-                                         img_size=info["img_size"])
+                                         img_size=info["img_size"], evaluation=True)
     with torch.no_grad():
         out = model(batch.to(device), image_size=targets["image_size"].to(device))
     classes = info["classes"]
@@ -210,7 +210,9 @@ def draw(image: Image.Image, detections: list[dict], *, scale: float = 1.0, dash
     canvas = ImageDraw.Draw(image)
     font = _font(image.size)
     line = max(1, round(min(image.size) / 150))
-    boxes = [[v * scale for v in d["box"]] for d in detections]
+    # by their corners: a CenterNet size can come out negative, and mmdet keeps such boxes (PIL refuses them)
+    boxes = [[v * scale for v in (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))]
+             for x1, y1, x2, y2 in (d["box"] for d in detections)]
     tags = [d["class"] if "score" not in d else f"{d['class']} {d['score']:.2f}" for d in detections]
     sizes = []
     for tag in tags:

@@ -4,7 +4,8 @@ A preset is three functions and a colour, in a plain dict: "canvas_size" (img_si
 canvas a batch lies on, "train_transforms" img_size -> the training transforms and "eval_transforms" img_size -> the
 evaluation transforms of (image, {"boxes", "labels"}), in torchvision transforms v2 (boxes follow the image), and
 "fill": the RGB colour of the canvas around a smaller image (what the model's preprocessing maps padding to in
-mmdet). `PRESETS` maps a recipe's "preset" name to them; a new family adds its functions and one entry.
+mmdet); optionally "eval_canvas_size", the evaluation canvas where it differs from the training one (CenterNet).
+`PRESETS` maps a recipe's "preset" name to them; a new family adds its functions and one entry.
 """
 import math
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from functools import partial
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from det import yolox_data
+from det import centernet_data, yolox_data
 
 MEAN_COLOR = (124, 116, 104)  # mmdet's pixel mean (123.675, 116.28, 103.53), rounded: a pad normalises to ~0
 
@@ -122,17 +123,41 @@ def yolox_eval_transforms(img_size: int) -> Callable:
     return partial(yolox_data.transforms, img_size=img_size, train=False)
 
 
+# centernet (configs/centernet/centernet_r18_8xb16-crop512-140e_coco.py): training crops of img_size x 0.6-1.3 from the
+# image at its own resolution, resized to the img_size square (det/centernet_data.py); testing at the image's own
+# resolution, so the evaluation canvas is larger than the training one: COCO's images are at most 640 px, 1.25 x the
+# recipe's 512, and every one of them is tested unresized. The model centres each image on mmdet's test canvas.
+def centernet_eval_canvas_size(img_size: int, landscape: bool) -> tuple[int, int]:
+    return square_canvas_size(img_size * 5 // 4, landscape)
+
+
+def centernet_train_transforms(img_size: int) -> v2.Compose:
+    return v2.Compose([photometric_distortion(), partial(centernet_data.train_transforms, img_size=img_size)])
+
+
+def centernet_eval_transforms(img_size: int) -> Callable:
+    return partial(centernet_data.eval_transforms, canvas=centernet_eval_canvas_size(img_size, True)[0])
+
+
 PRESETS = {
     "ssd": {"canvas_size": ssd_canvas_size, "train_transforms": ssd_train_transforms,
             "eval_transforms": ssd_eval_transforms, "fill": MEAN_COLOR},
     "retinanet": {"canvas_size": retinanet_canvas_size, "train_transforms": retinanet_train_transforms,
                   "eval_transforms": retinanet_eval_transforms, "fill": MEAN_COLOR},
+    # FCOS's caffe-style data: RetinaNet's resize and flip, the padding 0 after subtracting Detectron's mean
+    # (122.77, 115.95, 102.98 in RGB), rounded
+    "fcos": {"canvas_size": retinanet_canvas_size, "train_transforms": retinanet_train_transforms,
+             "eval_transforms": retinanet_eval_transforms, "fill": (123, 116, 103)},
     # mmdet normalises YOLOv3's images to RGB / 255 and pads them with 0: black
     "yolov3": {"canvas_size": square_canvas_size, "train_transforms": yolov3_train_transforms,
                "eval_transforms": yolov3_eval_transforms, "fill": (0, 0, 0)},
     # mmdet pads YOLOX's images with 114 and feeds them unnormalised (BGR 0-255)
     "yolox": {"canvas_size": square_canvas_size, "train_transforms": yolox_train_transforms,
               "eval_transforms": yolox_eval_transforms, "fill": (114, 114, 114)},
+    # mmdet pads CenterNet's batches after normalisation with 0: the mean colour (its crops' black is the image's own)
+    "centernet": {"canvas_size": square_canvas_size, "eval_canvas_size": centernet_eval_canvas_size,
+                  "train_transforms": centernet_train_transforms, "eval_transforms": centernet_eval_transforms,
+                  "fill": MEAN_COLOR},
 }
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from common import checkpoint as ckpt
 from common.logger import log_every, new_meters
-from common.optim import build_optimizer, ema_model, lr_at, param_groups, scaled_lr
+from common.optim import apply_gradients, build_optimizer, ema_model, lr_at, param_groups, scaled_lr
 
 
 def test_atomic_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -272,6 +272,25 @@ def test_norm_weight_decay_and_start_epoch():
     fresh = ckpt.restore_training_state(None, model=model, optimizer=None, scaler=None, model_ema=None, rank=0,
                                         world_size=1, device=torch.device("cpu"), start_epoch=3, steps_per_epoch=10)
     assert fresh == {"epoch": 3, "batch": 0, "step": 30, "best_metric": float("-inf")}
+
+
+def test_bias_lr_mult_and_bias_decay_follow_mmengine():
+    """FCOS's paramwise_cfg (bias_lr_mult 2, bias_decay_mult 0) as mmengine's DefaultOptimWrapperConstructor applies
+    it: conv biases at 2 x the LR without decay, norm shifts at the LR without decay, norm scales and other
+    parameters of at most one dimension (FCOS's Scale) decaying as before. The defaults keep two groups."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Conv2d(4, 4, 3, bias=False))
+    model.scale = nn.Parameter(torch.tensor(1.0))
+    optimizer = build_optimizer("sgd", model, 0.1, weight_decay=1e-4, norm_weight_decay=1e-4, bias_weight_decay=0.0,
+                                bias_lr_mult=2.0)
+    groups = optimizer.param_groups
+    assert [{id(p) for p in g["params"]} for g in groups] == [
+        {id(model[0].weight), id(model[2].weight)}, {id(model.scale), id(model[1].weight)}, {id(model[0].bias)},
+        {id(model[1].bias)}]
+    assert [g["weight_decay"] for g in groups] == [1e-4, 1e-4, 0.0, 0.0]
+    apply_gradients(optimizer, torch.amp.GradScaler("cpu", enabled=False), model.parameters(), lr=0.05)
+    assert [g["lr"] for g in groups] == [0.05, 0.05, 0.1, 0.05]
+    assert [len(g["params"]) for g in param_groups(model, 1e-4)] == [2, 4]
+    assert [g["weight_decay"] for g in param_groups(model, 1e-4, 1e-5, bias_lr_mult=2.0)] == [1e-4, 1e-5, 1e-5, 1e-5]
 
 
 def test_a_signal_on_another_rank_stops_this_one_too(monkeypatch):

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from common.checkpoint import state_dict_of
-from det.models import retinanet, ssd, ssdlite, yolov3, yolox
+from det.models import centernet, fcos, retinanet, ssd, ssdlite, yolov3, yolox
 
-FAMILIES = (ssd, ssdlite, retinanet, yolov3, yolox)
+FAMILIES = (ssd, ssdlite, retinanet, yolov3, yolox, fcos, centernet)
 MODELS = {
     "ssd300": ssd.ssd300,
     "ssd512": ssd.ssd512,
@@ -30,6 +30,8 @@ MODELS = {
     "retinanet_r50": retinanet.retinanet_r50,
     "yolov3_d53": yolov3.yolov3_d53,
     "yolox_s": yolox.yolox_s,
+    "fcos_r50": fcos.fcos_r50,
+    "centernet_r18": centernet.centernet_r18,
 }
 RECIPES = {name: recipe for f in FAMILIES for name, recipe in f.RECIPES.items()}  # the mmdet configs' recipes
 
