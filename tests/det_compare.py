@@ -132,3 +132,14 @@ def empty_targets(batch: int, max_gt: int, image_size) -> dict[str, torch.Tensor
     return {"boxes": torch.zeros(batch, max_gt, 4), "labels": torch.zeros(batch, max_gt, dtype=torch.long),
             "valid": torch.zeros(batch, max_gt, dtype=torch.bool),
             "image_size": torch.tensor(image_size).expand(batch, 2).clone()}
+
+
+def small_batch() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A training batch for contract and compile tests: two 64 x 96 images, one with two objects (padded to three
+    rows), one without."""
+    images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    targets = empty_targets(2, 3, (64, 96))
+    targets["boxes"][0, :2] = torch.tensor([[4.0, 6, 40, 50], [30, 10, 90, 60]])
+    targets["labels"][0, :2] = torch.tensor([3, 7])
+    targets["valid"][0, :2] = True
+    return images, targets

@@ -20,7 +20,13 @@ import torch
 from det import centernet_data, data, presets
 from det.models import centernet
 from det.synthetic_coco import synthetic_coco
-from tests.det_compare import CANVAS, LOSS_REL, assert_same_detections, empty_targets, fixture_batch
+from tests.det_compare import (
+    CANVAS,
+    LOSS_REL,
+    assert_same_detections,
+    fixture_batch,
+    small_batch,
+)
 from tests.graph_check import compiled_outputs
 from tests.mmpretrain_fixture import seeded_state_dict
 from tests.scripts import run_script
@@ -217,16 +223,6 @@ def test_targets_equal_per_image_mmdet_loop(seed):
     for b, k in enumerate(n):  # the radius alone, before truncation: mmdet's square roots are double's
         for (x1, y1, x2, y2), r in zip(targets["boxes"][b, :k], radius[b, :k], strict=True):
             assert r.item() == pytest.approx(reference_gaussian_radius([y2 - y1, x2 - x1], 0.3).item(), rel=1e-6)
-
-
-def small_batch() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Two 64 x 96 images: one with two objects (padded to three rows), one without."""
-    images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    targets = empty_targets(2, 3, (64, 96))
-    targets["boxes"][0, :2] = torch.tensor([[4.0, 6, 40, 50], [30, 10, 90, 60]])
-    targets["labels"][0, :2] = torch.tensor([3, 7])
-    targets["valid"][0, :2] = True
-    return images, targets
 
 
 def test_train_and_eval_contract():

@@ -13,7 +13,13 @@ from torch import nn
 
 from det.assign import simota_assign
 from det.models import yolox
-from tests.det_compare import CANVAS, LOSS_REL, assert_same_detections, empty_targets, fixture_batch
+from tests.det_compare import (
+    CANVAS,
+    LOSS_REL,
+    assert_same_detections,
+    fixture_batch,
+    small_batch,
+)
 from tests.graph_check import compiled_outputs
 from tests.mmpretrain_fixture import seeded_state_dict
 
@@ -38,16 +44,6 @@ def statistics_from_one_batch(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = None
-
-
-def small_batch() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Two 64 x 96 images: one with two objects (padded to three rows), one without."""
-    images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    targets = empty_targets(2, 3, (64, 96))
-    targets["boxes"][0, :2] = torch.tensor([[4.0, 6, 40, 50], [30, 10, 90, 60]])
-    targets["labels"][0, :2] = torch.tensor([3, 7])
-    targets["valid"][0, :2] = True
-    return images, targets
 
 
 def test_parameter_count():

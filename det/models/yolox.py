@@ -247,18 +247,18 @@ def load_backbone_weights(model: YOLOX, checkpoint: dict) -> dict[str, list[str]
     return load_model_weights(model.backbone, state_dict, holds="YOLOX takes a CSPDarknet (P5) state dict")
 
 
-# Training recipe of mmdet 3.3.0 .mim/configs/yolox/yolox_s_8xb8-300e_coco.py: 8 GPUs x 8 images, SGD (nesterov)
-# LR 0.01 for the global batch 64, momentum 0.9, weight decay 5e-4 on conv weights only (norm_decay_mult and
-# bias_decay_mult 0); 300 epochs: quadratic warmup over 5 epochs from 0 (QuadraticWarmupLR, LR x ((t + 1) / T)^2 per
-# iteration), cosine to 0.05 x LR at epoch 285, then constant. YOLOXModeSwitchHook turns off Mosaic / RandomAffine /
-# MixUp and sets bbox_head.use_l1 once epoch + 1 >= 300 - 15 (0-based: the last 16 epochs); EMA of weights and
-# buffers, ExpMomentumEMA momentum 1e-4 (decay 0.9999) and gamma 2000, evaluated and saved by mmdet in place of the
-# model (ema_eval "instead"); SyncNormHook averages BN statistics over ranks before each evaluation (every 10 epochs). Data: Mosaic (640),
-# RandomAffine (scale 0.1-2), MixUp (0.8-1.6), HSV jitter, flip, keep-ratio resize to 640, pad to square with 114
-# (det/yolox_data.py); per batch a canvas of 480-800 px (0.75-1.25 x 640) in steps of 32, redrawn every 10
-# iterations (BatchSyncRandomResize: --multiscale); images without objects stay in the training set. Evaluation:
-# keep-ratio resize to 640, pad to 640 x 640 with 114. warmup_iters: 5 epochs of COCO train2017 at global batch 64
-# (1849 iterations each); a run on other data sets it with --lr-warmup-epochs 5.
+# Training recipe of mmdet 3.3.0 .mim/configs/yolox/yolox_s_8xb8-300e_coco.py: 8 GPUs x 8 images, SGD (nesterov) LR 0.01
+# for the global batch 64, momentum 0.9, weight decay 5e-4 on conv weights only (norm_decay_mult and bias_decay_mult 0);
+# 300 epochs: quadratic warmup over 5 epochs from 0 (QuadraticWarmupLR, LR x ((t + 1) / T)^2 per iteration), cosine to
+# 0.05 x LR at epoch 285, then constant. YOLOXModeSwitchHook turns off Mosaic / RandomAffine / MixUp and sets
+# bbox_head.use_l1 once epoch + 1 >= 300 - 15 (0-based: the last 16 epochs); EMA of weights and buffers, ExpMomentumEMA
+# momentum 1e-4 (decay 0.9999) and gamma 2000, evaluated and saved by mmdet in place of the model (ema_eval "instead");
+# SyncNormHook averages BN statistics over ranks before each evaluation (every 10 epochs; here before every evaluation
+# of every model, common/loop.py). Data: Mosaic (640), RandomAffine (scale 0.1-2), MixUp (0.8-1.6), HSV jitter, flip,
+# keep-ratio resize to 640, pad to square with 114 (det/yolox_data.py); per batch a canvas of 480-800 px (0.75-1.25 x
+# 640) in steps of 32, redrawn every 10 iterations (BatchSyncRandomResize: --multiscale); images without objects stay in
+# the training set. Evaluation: keep-ratio resize to 640, pad to 640 x 640 with 114. warmup_iters: 5 epochs of COCO
+# train2017 at global batch 64 (1849 iterations each); a run on other data sets it with --lr-warmup-epochs 5.
 RECIPES = {
     "yolox_s": dict(preset="yolox", img_size=640, batch_size=8, lr=0.01, lr_batch=64, momentum=0.9,
                     weight_decay=5e-4, epochs=300, schedule="cosine", lr_steps=(), warmup_iters=5 * 1849,
