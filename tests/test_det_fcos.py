@@ -1,6 +1,6 @@
 """FCOS-R50: parameter counts, the caffe-style backbone, the train/eval contract, empty and padded targets, the
 point assignment against a per-image port of mmdet's loop, one graph for the whole training forward, checkpoint
-names, and equality with mmdet 3.3.0 recorded as a fixture."""
+names, the normalisers averaged over ranks, and equality with mmdet 3.3.0 recorded as a fixture."""
 import gzip
 import json
 import math
@@ -303,3 +303,40 @@ def test_predict_loads_an_fcos_checkpoint(tmp_path):
     found = predict.detect(loaded, Image.new("RGB", (160, 128), (200, 30, 30)), score_thr=0.0)
     assert 0 < len(found) <= 100 and {d["class"] for d in found} == {"b"}
     assert all(0 <= d["box"][0] <= d["box"][2] <= 160 and 0 <= d["box"][1] <= d["box"][3] <= 128 for d in found)
+
+
+def random_head_outputs(batch: int, seed: int = 3) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Random FCOS head outputs on a 64 x 96 canvas (5 classes) and padded targets with 1-3 objects per image."""
+    g = torch.Generator().manual_seed(seed)
+    points, ranges = fcos.grid_points([(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)], torch.device("cpu"))
+    outputs = {"cls_logits": torch.randn(batch, len(points), 5, generator=g), "points": points,
+               "regress_ranges": ranges, "box_preds": torch.rand(batch, len(points), 4, generator=g) * 30 + 1,
+               "centerness": torch.randn(batch, len(points), generator=g)}
+    xy = torch.rand(batch, 3, 2, generator=g) * 40
+    targets = {"boxes": torch.cat([xy, xy + 12 + torch.rand(batch, 3, 2, generator=g) * 40], -1),
+               "labels": torch.randint(0, 5, (batch, 3), generator=g),
+               "valid": torch.arange(3)[None] < torch.randint(1, 4, (batch, 1), generator=g)}
+    return outputs, targets
+
+
+def _rank_losses(rank: int, world_size: int, init_file: str, out_file: str) -> None:
+    """One of two gloo ranks: the loss of its half of the global batch, positives and centerness sums all-reduced."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    outputs, targets = random_head_outputs(4)
+    half = slice(2 * rank, 2 * rank + 2)
+    mine = {k: v if k in ("points", "regress_ranges") else v[half] for k, v in outputs.items()}
+    losses = fcos.fcos_loss(mine, {k: v[half] for k, v in targets.items()})
+    torch.save({k: v.detach() for k, v in losses.items()}, f"{out_file}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_normalisers_are_averaged_over_ranks(tmp_path):
+    """mmdet's reduce_mean of the positive count and the centerness-target sum: the two ranks' mean loss (what
+    DistributedDataParallel's averaged gradients follow) equals one process's loss on the whole batch."""
+    outputs, targets = random_head_outputs(4)
+    whole = fcos.fcos_loss(outputs, targets)
+    torch.multiprocessing.spawn(_rank_losses, args=(2, str(tmp_path / "init"), str(tmp_path / "losses")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"losses.{r}") for r in range(2)]
+    for key, value in whole.items():
+        torch.testing.assert_close((ranks[0][key] + ranks[1][key]) / 2, value, msg=key)
+    assert whole["loss_bbox"] > 0 and ranks[0]["loss_bbox"] != ranks[1]["loss_bbox"]  # the halves differ
