@@ -143,3 +143,27 @@ def small_batch() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     targets["labels"][0, :2] = torch.tensor([3, 7])
     targets["valid"][0, :2] = True
     return images, targets
+
+
+def _rank_losses(rank: int, world_size: int, init_file: str, out_file: str, make_batch, loss_fn,
+                 shared: tuple[str, ...]) -> None:
+    """One of `world_size` gloo ranks: `loss_fn` on its slice of the global batch (`shared` outputs, such as the
+    priors, are every rank's whole), saved to out_file.<rank>."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    outputs, targets = make_batch(2 * world_size)
+    mine = slice(2 * rank, 2 * rank + 2)
+    losses = loss_fn({k: v if k in shared else v[mine] for k, v in outputs.items()},
+                     {k: v[mine] for k, v in targets.items()})
+    torch.save({k: v.detach() for k, v in losses.items()}, f"{out_file}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def losses_on_two_ranks(tmp_path, make_batch, loss_fn, shared: tuple[str, ...]) -> tuple[dict, list[dict]]:
+    """mmdet's reduce_mean, checked: `loss_fn` on one process's whole batch of 4 (`make_batch(4)` -> outputs,
+    targets) and on two gloo ranks of 2 images each. Returns (whole, [rank 0's, rank 1's]); the callers assert
+    that the ranks' mean, what DistributedDataParallel's averaged gradients follow, equals the whole."""
+    outputs, targets = make_batch(4)
+    whole = loss_fn(outputs, targets)
+    torch.multiprocessing.spawn(_rank_losses, nprocs=2, args=(2, str(tmp_path / "init"), str(tmp_path / "losses"),
+                                                             make_batch, loss_fn, shared))
+    return whole, [torch.load(tmp_path / f"losses.{r}") for r in range(2)]

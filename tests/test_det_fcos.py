@@ -22,6 +22,7 @@ from tests.det_compare import (
     LOSS_REL,
     assert_same_detections,
     fixture_batch,
+    losses_on_two_ranks,
     small_batch,
 )
 from tests.graph_check import compiled_outputs
@@ -319,24 +320,11 @@ def random_head_outputs(batch: int, seed: int = 3) -> tuple[dict[str, torch.Tens
     return outputs, targets
 
 
-def _rank_losses(rank: int, world_size: int, init_file: str, out_file: str) -> None:
-    """One of two gloo ranks: the loss of its half of the global batch, positives and centerness sums all-reduced."""
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    outputs, targets = random_head_outputs(4)
-    half = slice(2 * rank, 2 * rank + 2)
-    mine = {k: v if k in ("points", "regress_ranges") else v[half] for k, v in outputs.items()}
-    losses = fcos.fcos_loss(mine, {k: v[half] for k, v in targets.items()})
-    torch.save({k: v.detach() for k, v in losses.items()}, f"{out_file}.{rank}")
-    torch.distributed.destroy_process_group()
-
-
 def test_normalisers_are_averaged_over_ranks(tmp_path):
     """mmdet's reduce_mean of the positive count and the centerness-target sum: the two ranks' mean loss (what
     DistributedDataParallel's averaged gradients follow) equals one process's loss on the whole batch."""
-    outputs, targets = random_head_outputs(4)
-    whole = fcos.fcos_loss(outputs, targets)
-    torch.multiprocessing.spawn(_rank_losses, args=(2, str(tmp_path / "init"), str(tmp_path / "losses")), nprocs=2)
-    ranks = [torch.load(tmp_path / f"losses.{r}") for r in range(2)]
+    whole, ranks = losses_on_two_ranks(tmp_path, random_head_outputs, fcos.fcos_loss,
+                                       shared=("points", "regress_ranges"))
     for key, value in whole.items():
         torch.testing.assert_close((ranks[0][key] + ranks[1][key]) / 2, value, msg=key)
     assert whole["loss_bbox"] > 0 and ranks[0]["loss_bbox"] != ranks[1]["loss_bbox"]  # the halves differ

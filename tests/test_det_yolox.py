@@ -3,6 +3,7 @@ mmdet's loop, one graph for the whole training forward, checkpoint names, and eq
 a fixture."""
 import gzip
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from tests.det_compare import (
     LOSS_REL,
     assert_same_detections,
     fixture_batch,
+    losses_on_two_ranks,
     small_batch,
 )
 from tests.graph_check import compiled_outputs
@@ -297,24 +299,11 @@ def head_outputs_for(batch: int, seed: int = 7) -> tuple[dict[str, torch.Tensor]
     return outputs, targets
 
 
-def _rank_losses(rank: int, world_size: int, init_file: str, out_file: str) -> None:
-    """One of two gloo ranks: the loss of its half of the global batch, with the positive count all-reduced."""
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    outputs, targets = head_outputs_for(4)
-    half = slice(2 * rank, 2 * rank + 2)
-    mine = {k: v if k == "priors" else v[half] for k, v in outputs.items()}
-    losses = yolox.yolox_loss(mine, {k: v[half] for k, v in targets.items()}, use_l1=True)
-    torch.save({k: v.detach() for k, v in losses.items()}, f"{out_file}.{rank}")
-    torch.distributed.destroy_process_group()
-
-
 def test_positive_count_is_averaged_over_ranks(tmp_path):
     """mmdet's reduce_mean: each rank divides its sums by the positives averaged over ranks, so the ranks' mean loss
     (what DistributedDataParallel's averaged gradients follow) equals one process's loss on the whole batch."""
-    outputs, targets = head_outputs_for(4)
-    whole = yolox.yolox_loss(outputs, targets, use_l1=True)
-    torch.multiprocessing.spawn(_rank_losses, args=(2, str(tmp_path / "init"), str(tmp_path / "losses")), nprocs=2)
-    ranks = [torch.load(tmp_path / f"losses.{r}") for r in range(2)]
+    whole, ranks = losses_on_two_ranks(tmp_path, head_outputs_for, partial(yolox.yolox_loss, use_l1=True),
+                                       shared=("priors",))
     for key, value in whole.items():
         torch.testing.assert_close((ranks[0][key] + ranks[1][key]) / 2, value, msg=key)
     assert whole["loss_bbox"] > 0 and ranks[0]["loss_bbox"] != ranks[1]["loss_bbox"]  # the halves differ

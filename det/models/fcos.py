@@ -87,8 +87,8 @@ def fcos_predict(outputs: dict[str, Tensor], image_size: Tensor, *, nms_pre: int
                  max_det: int) -> dict[str, Tensor]:
     """mmdet's FCOSHead.predict_by_feat (base_dense_head's, with centerness as score_factors), batched: per level the
     nms_pre best (point, class) pairs by class probability above score_thr, boxes clipped to image_size [B, 2];
-    each then scored class probability x sigmoid(centerness) (no square root: mmdet 3.3.0 multiplies, its TODO
-    notes the paper's sqrt), zero-size boxes dropped, class-wise NMS, the max_det best.
+    each then scored class probability x sigmoid(centerness) (no square root: mmdet 3.3.0 multiplies, and a comment
+    in its code leaves the paper's sqrt for later), zero-size boxes dropped, class-wise NMS, the max_det best.
     Returns {"boxes": [B, max_det, 4], "scores", "labels", "valid": [B, max_det]}."""
     boxes = distance_to_box(outputs["points"], outputs["box_preds"].float())  # [B, A, 4]
     return select_and_nms(boxes, outputs["cls_logits"].float().sigmoid(), outputs["level_sizes"], image_size,
