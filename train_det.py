@@ -216,7 +216,8 @@ def evaluate(model, loader, device, args, header: str = "Test") -> dict[str, flo
     """COCO AP (of the recipe's iou_type) over the whole validation set: every rank predicts its shard, rank 0 runs
     COCOeval and writes OUTPUT_DIR/detections_val.json (COCO results format: what COCO's evaluation server and
     pycocotools' loadRes take) and the 12-number summary to coco_<iou_type>_summary.json (`_ema` before `.json` for
-    the EMA model's)."""
+    the EMA model's). An instance-segmentation recipe (iou_type "segm") returns mask AP under the usual names (its
+    metric picks best.pth) and also evaluates the boxes of the same masks: coco_bbox_summary.json, "bbox_AP", ..."""
     model.eval()
     dataset = loader.dataset
     results = []
@@ -228,14 +229,21 @@ def evaluate(model, loader, device, args, header: str = "Test") -> dict[str, flo
             out = model(images, image_size=targets["image_size"].to(device))
         out = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
         results += to_coco_results(out["boxes"], out["scores"], out["labels"], out["valid"], metas,
-                                   dataset.label_to_cat)
+                                   dataset.label_to_cat, out.get("masks"), targets["image_size"])
     results = [r for part in all_gather_objects(results) for r in part]
     iou_type, suffix = RECIPES[args.model]["iou_type"], "_ema" if "EMA" in header else ""
     stats = {}
     if is_main_process():
-        save_results(results, Path(args.output_dir) / f"detections_val{suffix}.json")
-        stats = coco_evaluate(dataset.coco, results, Path(args.output_dir) / f"coco_{iou_type}_summary{suffix}.json",
+        out_dir = Path(args.output_dir)
+        save_results(results, out_dir / f"detections_val{suffix}.json")
+        if iou_type == "segm":
+            print0("masks (segm):")
+        stats = coco_evaluate(dataset.coco, results, out_dir / f"coco_{iou_type}_summary{suffix}.json",
                               iou_type=iou_type)
+        if iou_type == "segm":  # the masks' extents, as box AP
+            print0("boxes of the masks (bbox):")
+            boxes = coco_evaluate(dataset.coco, results, out_dir / f"coco_bbox_summary{suffix}.json")
+            stats |= {f"bbox_{name}": value for name, value in boxes.items()}
     return all_gather_objects(stats)[0]  # every rank agrees on "best"
 
 

@@ -1,11 +1,14 @@
 """Which anchor learns which object: the max-IoU assigner, YOLOv3's grid assigner, YOLOX's SimOTA, FCOS's point
-assignment and SSD's hard-negative mining, for a whole batch.
+assignment, SSD's hard-negative mining and SOLO's grid cells, for a whole batch.
 
 All work on ground truth padded to M boxes per image (`valid [B, M]` marks the real ones) and return masks, never
 index lists: no `.nonzero()`, boolean indexing, `.item()` or Python loop over images, so the shapes do not depend
 on the data and a training step compiles to one graph. Per-image loop references live in the tests
-(tests/test_det_core.py, tests/test_det_yolov3.py, tests/test_det_yolox.py, tests/test_det_fcos.py).
+(tests/test_det_core.py, tests/test_det_yolov3.py, tests/test_det_yolox.py, tests/test_det_fcos.py,
+tests/test_det_solov2.py).
 """
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -203,3 +206,87 @@ def simota_assign(
     pos = num_matches > 0
     pos_iou = iou.gather(2, matched[..., None]).squeeze(2) * pos  # [B, A]
     return matched, pos, pos_iou
+
+
+def _grid_cell(value: Tensor, extent: int, grid: int) -> Tensor:
+    """mmdet's int(floordiv(value / extent, 1 / grid, rounding_mode='trunc')) in float32: the cell of a canvas
+    coordinate (truncated towards 0, so a centre region reaching past the top-left edge ends at cell 0)."""
+    return torch.div(value / extent, 1.0 / grid, rounding_mode="trunc").long()
+
+
+def _solo_pairs(boxes: Tensor, centers: Tensor, valid: Tensor, canvas: tuple[int, int], *, num_grids: Sequence[int],
+                scale_ranges: Sequence[tuple[float, float]], pos_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Every (gt, level, cell of the 3 x 3 window around the gt's centre cell) SOLO could make positive: (pair
+    [B, M, L, 9] whether it is, cell [B, M, L, 9] its index among all levels' cells, row-major level by level,
+    cover [B, M, G] which cells each gt covers), G = sum of S^2."""
+    width, height = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]  # [B, M]
+    size = (width * height).sqrt()
+    # mmdet's 0.5 * (x2 - x1) * pos_scale, in this order: float32 rounding decides the edge cells
+    half_w, half_h = 0.5 * width * pos_scale, 0.5 * height * pos_scale
+    center_y, center_x = centers.unbind(-1)  # [B, M] canvas pixels
+    offsets = torch.arange(-1, 2, device=boxes.device)
+    pairs, cells, covers, first = [], [], [], 0
+    for grid, (low, high) in zip(num_grids, scale_ranges, strict=True):
+        row, col = _grid_cell(center_y, canvas[0], grid), _grid_cell(center_x, canvas[1], grid)  # [B, M] centre
+        # the centre region (pos_scale of the half box), at most one cell beyond the centre cell each way
+        top = torch.maximum(_grid_cell(center_y - half_h, canvas[0], grid).clamp(min=0), row - 1)
+        down = torch.minimum(_grid_cell(center_y + half_h, canvas[0], grid).clamp(max=grid - 1), row + 1)
+        left = torch.maximum(_grid_cell(center_x - half_w, canvas[1], grid).clamp(min=0), col - 1)
+        right = torch.minimum(_grid_cell(center_x + half_w, canvas[1], grid).clamp(max=grid - 1), col + 1)
+        hit = valid & (size >= low) & (size <= high)  # [B, M]; both ends inclusive, so ranges overlap
+        rows, cols = row[..., None, None] + offsets[:, None], col[..., None, None] + offsets  # [B, M, 3, 1], [.., 1, 3]
+        pair = (hit[..., None, None] & (rows >= top[..., None, None]) & (rows <= down[..., None, None])
+                & (cols >= left[..., None, None]) & (cols <= right[..., None, None]))  # [B, M, 3, 3]
+        pairs.append(pair.flatten(2))
+        cells.append((first + rows * grid + cols).flatten(2))  # off-grid window cells are never pairs
+        grid_range = torch.arange(grid, device=boxes.device)
+        in_rows = (grid_range >= top[..., None]) & (grid_range <= down[..., None])  # [B, M, S]
+        in_cols = (grid_range >= left[..., None]) & (grid_range <= right[..., None])
+        covers.append((hit[..., None, None] & in_rows[..., :, None] & in_cols[..., None, :]).flatten(2))  # [B, M, S^2]
+        first += grid * grid
+    return torch.stack(pairs, 2), torch.stack(cells, 2), torch.cat(covers, 2)
+
+
+def solo_pair_counts(boxes: Tensor, centers: Tensor, valid: Tensor, canvas: tuple[int, int], *,
+                     num_grids: Sequence[int], scale_ranges: Sequence[tuple[float, float]],
+                     pos_scale: float) -> Tensor:
+    """int64 [B]: each image's positive (gt, grid cell) pairs under `solo_assign`, the number its fixed pair budget
+    must hold (arguments as there)."""
+    pair, _, _ = _solo_pairs(boxes, centers, valid, canvas, num_grids=num_grids, scale_ranges=scale_ranges,
+                             pos_scale=pos_scale)
+    return pair.flatten(1).sum(1)
+
+
+def solo_assign(boxes: Tensor, labels: Tensor, centers: Tensor, valid: Tensor, canvas: tuple[int, int], *,
+                num_grids: Sequence[int], scale_ranges: Sequence[tuple[float, float]], pos_scale: float,
+                num_classes: int, max_pairs: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """SOLO's targets (Wang et al. 2020, "SOLO", sec. 3.2; SOLOv2 keeps them): mmdet 3.3.0's
+    SOLOV2Head._get_targets_single for a whole batch.
+
+    boxes [B, M, 4], labels [B, M], centers [B, M, 2] (y, x) each gt's mask centre of mass in canvas pixels, valid
+    [B, M] (False also for a gt with an empty mask, which mmdet skips), canvas (Hc, Wc) = 4 x the mask-feature map
+    (mmdet's upsampled_size). Returns (cell_labels [B, G] with num_classes for background, pos [B, G], pair_cell
+    [B, P], pair_gt [B, P], pair_valid [B, P]) over the G = sum of S^2 cells of all levels, row-major level by
+    level, P = max_pairs.
+
+    A gt goes to every level whose (low, high) range holds sqrt of its box area (ends included: up to 3 levels);
+    there it covers the cells of its centre region, pos_scale x the half box around the mask's centre, clipped to
+    the centre cell +- 1, in mmdet's float32 arithmetic. A cell covered by several gts takes the label of the last
+    listed (mmdet's loop). Each (gt, covered cell) pair learns that gt's mask from that cell's kernel: mmdet keeps a
+    list of them, here the first `max_pairs` in (gt, level, cell) order are packed into P slots with cumsum and
+    scatter (pair_valid marks the filled ones), so the shapes stay fixed; `solo_pair_counts` says how many an image
+    needs, and more than P would drop pairs, which the caller must rule out.
+    """
+    pair, cell, cover = _solo_pairs(boxes, centers, valid, canvas, num_grids=num_grids, scale_ranges=scale_ranges,
+                                    pos_scale=pos_scale)
+    batch, num_gt, per_gt = pair.shape[0], pair.shape[1], pair.shape[2] * pair.shape[3]  # per_gt = L x 9
+    claim = _last_claim(cover.transpose(1, 2))  # [B, G] 1 + the last gt covering each cell, 0 for none
+    pos = claim > 0
+    cell_labels = torch.where(pos, labels.gather(1, (claim - 1).clamp(min=0)), num_classes)
+    pair, cell = pair.flatten(1), cell.flatten(1)  # [B, M * L * 9] in (gt, level, cell) order
+    gt = torch.arange(num_gt, device=boxes.device).repeat_interleave(per_gt).expand(batch, -1)
+    slot = torch.where(pair, pair.cumsum(1) - 1, max_pairs).clamp(max=max_pairs)  # non-pairs and overflow: slot P
+    pair_cell = cell.new_zeros(batch, max_pairs + 1).scatter(1, slot, cell)[:, :max_pairs]
+    pair_gt = gt.new_zeros(batch, max_pairs + 1).scatter(1, slot, gt)[:, :max_pairs]
+    pair_valid = torch.arange(max_pairs, device=boxes.device) < pair.sum(1, keepdim=True)
+    return cell_labels, pos, pair_cell, pair_gt, pair_valid

@@ -6,7 +6,8 @@ ours spent in target assignment + loss.
   python -m det.bench --model yolov3_d53 --img-size 320   (no twin: our step and its loss share)
 
 A step is forward, loss, backward and an SGD step on random images with `--num-gt` random objects each, on the
-model's canvas. "assignment + loss" is our loss function's forward and backward alone, on fixed head outputs.
+model's canvas (SOLOv2: with each box's inscribed ellipse as its mask). "assignment + loss" is our loss function's
+forward and backward alone, on fixed head outputs. Peak memory is read after our first round, before the twin runs.
 The twins: torchvision's ssd300_vgg16 (81 classes: the same network as mmdet's SSD300), retinanet_resnet50_fpn and
 fcos_resnet50_fpn, both built in mmdet's style (frozen BatchNorm, stem and layer1 frozen; RetinaNet's P6 comes from
 P5, so it is 4.1 M parameters lighter; FCOS's backbone is pytorch-style, its head has GN(16), centerness on the box
@@ -20,7 +21,8 @@ import time
 import torch
 from torch import nn
 
-from common.device import autocast, grad_scaler, resolve_device, synchronize
+from common.device import autocast, grad_scaler, max_memory_mb, resolve_device, synchronize
+from det.masks import center_of_mass, downsample_masks
 from det.models import MODELS, RECIPES, build_model
 from det.presets import get_preset
 
@@ -42,7 +44,10 @@ def torchvision_twin(name: str, num_classes: int) -> nn.Module:
     return model
 
 
-def random_batch(batch: int, height: int, width: int, num_gt: int, num_classes: int, device: torch.device):
+def random_batch(batch: int, height: int, width: int, num_gt: int, num_classes: int, device: torch.device,
+                 mask_stride: int | None = None):
+    """Random images and boxes; with `mask_stride` (SOLOv2) also each box's inscribed ellipse as its mask, in the
+    batch format of det/data.py (masks at the stride, centres of mass at full resolution)."""
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, height, width), generator=g, dtype=torch.uint8).float()
     xy = torch.rand(batch, num_gt, 2, generator=g) * torch.tensor([width, height]) * 0.7
@@ -50,6 +55,11 @@ def random_batch(batch: int, height: int, width: int, num_gt: int, num_classes: 
     targets = {"boxes": torch.cat([xy, xy + wh], -1), "labels": torch.randint(0, num_classes, (batch, num_gt)),
                "valid": torch.ones(batch, num_gt, dtype=torch.bool),
                "image_size": torch.tensor([[height, width]]).repeat(batch, 1)}
+    if mask_stride:
+        centre, half = (xy + wh / 2)[..., None, None, :], (wh / 2)[..., None, None, :]  # [B, N, 1, 1, 2] (x, y)
+        grid = torch.stack(torch.meshgrid(torch.arange(width) + 0.5, torch.arange(height) + 0.5, indexing="xy"), -1)
+        masks = (((grid - centre) / half) ** 2).sum(-1) <= 1  # [B, N, H, W]
+        targets |= {"masks": downsample_masks(masks, mask_stride), "mask_centers": center_of_mass(masks)}
     return images.to(device), {k: v.to(device) for k, v in targets.items()}
 
 
@@ -82,8 +92,10 @@ def main() -> None:
 
     device = resolve_device(args.device)
     recipe = RECIPES[args.model]
-    height, width = get_preset(recipe["preset"])["canvas_size"](args.img_size or recipe["img_size"], True)
-    images, targets = random_batch(args.batch_size, height, width, args.num_gt, args.num_classes, device)
+    preset = get_preset(recipe["preset"])
+    height, width = preset["canvas_size"](args.img_size or recipe["img_size"], True)
+    images, targets = random_batch(args.batch_size, height, width, args.num_gt, args.num_classes, device,
+                                   preset.get("mask_stride"))
     tv_targets = [{"boxes": b, "labels": lab + (args.model == "ssd300")}  # SSD: label 0 is torchvision's background
                   for b, lab in zip(targets["boxes"], targets["labels"], strict=True)]
     torch.manual_seed(0)
@@ -112,9 +124,11 @@ def main() -> None:
         sum(ours.loss(heads, targets).values()).backward()
 
     runs = {"ours": [], "torchvision": [], "loss": []}
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         runs["ours"].append(timed(lambda: step(ours, opt_ours, lambda: ours(images, targets)), args.iters,
                                   args.warmup, device))
+        if repeat == 0:  # before the twin has run a step
+            peak_mb = max_memory_mb(device)
         if theirs is not None:
             runs["torchvision"].append(timed(lambda: step(theirs, opt_theirs,
                                                           lambda: theirs(list(images), tv_targets)),
@@ -125,6 +139,10 @@ def main() -> None:
           f"per image  amp {args.amp}  (median of {args.repeats} rounds x {args.iters} steps)")
     print(f"  ours         step {ours_s:8.4f} s  (network forward/backward {ours_s - loss_s:.4f} s, "
           f"assignment + loss {loss_s:.4f} s)")
+    where = "the device allocator's"
+    if device.type == "cpu":
+        where = "the process's resident set" + (", with the twin's weights" if theirs is not None else "")
+    print(f"  ours         peak memory {peak_mb:.0f} MB after our first round ({where})")
     if theirs is not None:
         tv_s = statistics.median(runs["torchvision"])
         print(f"  torchvision  step {tv_s:8.4f} s")

@@ -9,6 +9,17 @@ A batch is `(images, targets, metas)` whose shapes are static, so a graph compil
 - metas:   per image {"image_id", "file_name", "orig_size": (H0, W0), "scale": (sy, sx)}; resized size / file size,
            so canvas coordinates / scale = file coordinates (padding is bottom/right: it shifts nothing; SSD's
            training crops do not map back, evaluation has none)
+Presets with a "mask_stride" (4: SOLOv2) add to the training batches' targets, from a set built `with_masks`:
+- "masks":        bool [B, M, H/4, W/4], each gt's mask on the canvas down-sampled as mmdet's SOLOv2 targets
+                  (det/masks.py downsample_masks); 0 for padded rows
+- "mask_centers": float32 [B, M, 2], (y, x) centre of mass of each gt's full-resolution canvas mask in canvas
+                  pixels (det/masks.py center_of_mass); a gt whose full-resolution mask is empty is not "valid"
+                  (mmdet's SOLOv2 skips it)
+At 800 x 1344 with M = 64 the masks are 64 x 200 x 336 bytes = 4.3 MB per image. The items reaching collate hold
+their full-resolution masks as the transforms left them (uint8 N x h x w: 64 x 800 x 1333 = 68 MB at most here);
+collate goes through them one image at a time, with one copy padded to multiples of 4 (as much again), and never
+stacks a batch of them (2 images of 64 masks at 800 x 1201: 0.27 s and 65 MB more at peak, on one CPU core).
+Evaluation batches carry no masks (COCOeval reads the annotation file).
 """
 import contextlib
 import io
@@ -30,6 +41,7 @@ from torchvision.transforms.v2 import functional as F
 from common.dist import barrier, is_main_process, print0
 from common.images import to_rgb
 from common.sampling import ResumableBatches, SeededDataset, item_seed
+from det.masks import center_of_mass, check_segmentation, decode_segmentation, downsample_masks
 from det.presets import get_preset
 from det.synthetic_coco import default_cache, synthetic_coco
 
@@ -102,13 +114,20 @@ class CocoDetection(Dataset):
     counted in the summary line with its annotation ids: one broken entry of a large file should not stop training.
     Item: (uint8 tv_tensors.Image [3, h, w], {"boxes": BoundingBoxes [N, 4] xyxy, "labels": int64 [N]}, meta) after
     `transforms`, meta as in the module docstring.
+
+    `with_masks` adds "masks": tv_tensors.Mask uint8 [N, h, w] 0/1, one per box in the same order, decoded when the
+    item is loaded (det/masks.py decode_segmentation), so every v2 transform moves them with the image (Resize:
+    nearest, as mmdet's BitmapMasks.rescale). The segmentations are checked at start-up without decoding (COCO has
+    860k): an RLE of another size than its image, or an entry that is neither polygons nor an RLE, is an error
+    naming the file and the annotation; an object left with no polygon of 3 or more points (mmdet's LoadAnnotations
+    ignores it) is skipped and counted in the summary line like the boxes holding NaN.
     """
 
     def __init__(self, root: str | Path, split: str = "train", transforms=None, *, ann_file: str | Path | None = None,
-                 img_dir: str | Path | None = None) -> None:
+                 img_dir: str | Path | None = None, with_masks: bool = False) -> None:
         self.ann_file = Path(ann_file or Path(root) / "annotations" / f"instances_{split}2017.json")
         self.img_dir = Path(img_dir or Path(root) / f"{split}2017")
-        self.transforms = transforms
+        self.transforms, self.with_masks = transforms, with_masks
         self.coco = load_coco(self.ann_file)
         if not self.img_dir.is_dir():
             raise FileNotFoundError(f"image folder {self.img_dir} (of {self.ann_file}) does not exist")
@@ -120,8 +139,10 @@ class CocoDetection(Dataset):
         self.landscape = [self.coco.imgs[i]["width"] >= self.coco.imgs[i]["height"] for i in self.ids]
         self.boxes, self.labels, crowd, dropped = [], [], 0, 0  # per image: float32 [N, 4] xyxy, int64 [N]
         self.not_finite = []  # annotation ids whose bbox holds NaN or inf
+        self.no_polygon = []  # with_masks: annotation ids whose polygons all have under 3 points
+        self.mask_anns = []  # with_masks: per image, the annotation ids of the kept objects, in their order
         for image_id in self.ids:
-            info, boxes, labels = self.coco.imgs[image_id], [], []
+            info, boxes, labels, anns = self.coco.imgs[image_id], [], [], []
             for ann in self.coco.imgToAnns[image_id]:
                 if not all(math.isfinite(v) for v in ann["bbox"]):
                     self.not_finite.append(ann["id"])
@@ -134,10 +155,20 @@ class CocoDetection(Dataset):
                 if x2 - x1 < 1 or y2 - y1 < 1:
                     dropped += 1
                     continue
+                if with_masks:
+                    try:
+                        has_mask = check_segmentation(ann.get("segmentation"), info["height"], info["width"], ann["id"])
+                    except ValueError as e:
+                        raise ValueError(f"{self.ann_file}: {e}") from None
+                    if not has_mask:
+                        self.no_polygon.append(ann["id"])
+                        continue
+                    anns.append(ann["id"])
                 boxes.append((x1, y1, x2, y2))
                 labels.append(cat_to_label[ann["category_id"]])
             self.boxes.append(np.array(boxes, dtype=np.float32).reshape(-1, 4))
             self.labels.append(np.array(labels, dtype=np.int64))
+            self.mask_anns.append(anns)
         self.dropped = dropped
         if self.not_finite:  # COCOeval must not see them either: they would count as objects nobody can find
             skip = set(self.not_finite)
@@ -146,9 +177,11 @@ class CocoDetection(Dataset):
                 self.coco.createIndex()
         empty = sum(len(labels) == 0 for labels in self.labels)
         skipped = ""
-        if self.not_finite:
-            ids = ", ".join(map(str, self.not_finite[:5])) + (", ..." if len(self.not_finite) > 5 else "")
-            skipped = f"; skipped {len(self.not_finite)} boxes holding NaN or inf (annotation ids {ids})"
+        for ids, what in ((self.not_finite, "boxes holding NaN or inf"),
+                          (self.no_polygon, "objects without a polygon of 3 or more points")):
+            if ids:
+                listed = ", ".join(map(str, ids[:5])) + (", ..." if len(ids) > 5 else "")
+                skipped += f"; skipped {len(ids)} {what} (annotation ids {listed})"
         print0(f"{self.ann_file}: {len(self.ids)} images ({empty} without objects), {len(self.classes)} classes, "
                f"{sum(map(len, self.labels))} objects; left out {crowd} crowd regions and {dropped} boxes under 1 px"
                f"{skipped}")
@@ -157,13 +190,23 @@ class CocoDetection(Dataset):
         return len(self.ids)
 
     def load(self, index: int) -> tuple[tv_tensors.Image, dict]:
-        """Item `index` before `transforms`, without meta: (uint8 [3, H, W], {"boxes" [N, 4], "labels" [N]}), what
-        det/yolox_data.py's mixing wrapper combines."""
+        """Item `index` before `transforms`, without meta: (uint8 [3, H, W], {"boxes" [N, 4], "labels" [N]} and
+        with_masks "masks" [N, H, W]), what det/yolox_data.py's mixing wrapper combines."""
         info = self.coco.imgs[self.ids[index]]
-        image = read_image(self.img_dir / info["file_name"], info["width"], info["height"])
-        return image, {"boxes": tv_tensors.BoundingBoxes(torch.from_numpy(self.boxes[index]), format="XYXY",
-                                                         canvas_size=(info["height"], info["width"])),
-                       "labels": torch.from_numpy(self.labels[index])}
+        height, width = info["height"], info["width"]
+        image = read_image(self.img_dir / info["file_name"], width, height)
+        target = {"boxes": tv_tensors.BoundingBoxes(torch.from_numpy(self.boxes[index]), format="XYXY",
+                                                    canvas_size=(height, width)),
+                  "labels": torch.from_numpy(self.labels[index])}
+        if self.with_masks:
+            try:
+                masks = [decode_segmentation(self.coco.anns[a]["segmentation"], height, width, a)
+                         for a in self.mask_anns[index]]
+            except ValueError as e:
+                raise ValueError(f"{self.ann_file}: {e}") from None
+            target["masks"] = tv_tensors.Mask(torch.from_numpy(np.stack(masks)) if masks else
+                                              torch.zeros(0, height, width, dtype=torch.uint8))
+        return image, target
 
     def meta(self, index: int, image: torch.Tensor) -> dict:
         """The meta of item `index` (module docstring) once its image is `image` ([3, h, w], transformed)."""
@@ -187,7 +230,9 @@ def collate(batch: Sequence[tuple], *, max_gt: int | None, preset: str, img_size
             evaluation: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[dict]]:
     """Items of CocoDetection -> (images, targets, metas) of the module docstring. The canvas follows the first
     file's orientation (not the resized image's: rounding can make a portrait image square), the batch sampler keeps
-    orientations apart; with `evaluation`, the preset's "eval_canvas_size" where it has one."""
+    orientations apart; with `evaluation`, the preset's "eval_canvas_size" where it has one. Training batches of a
+    preset with a "mask_stride" get the masks' targets, then go to the preset's "check_targets" where it has one
+    (SOLOv2's raises for an image with more positives than its fixed budget)."""
     images, targets, metas = zip(*batch, strict=True)
     landscape = metas[0]["orig_size"][1] >= metas[0]["orig_size"][0]
     preset_fns = get_preset(preset)
@@ -205,6 +250,10 @@ def collate(batch: Sequence[tuple], *, max_gt: int | None, preset: str, img_size
     labels = torch.zeros(len(images), max_gt, dtype=torch.int64)
     valid = torch.zeros(len(images), max_gt, dtype=torch.bool)
     image_size = torch.zeros(len(images), 2, dtype=torch.int64)  # (h, w) of each image inside the canvas
+    stride = None if evaluation else preset_fns.get("mask_stride")
+    if stride:
+        masks = torch.zeros(len(images), max_gt, height // stride, width // stride, dtype=torch.bool)
+        centers = torch.zeros(len(images), max_gt, 2)
     for i, (image, target, meta, n) in enumerate(zip(images, targets, metas, counts, strict=True)):
         h, w = image.shape[-2:]
         if h > height or w > width:
@@ -218,7 +267,21 @@ def collate(batch: Sequence[tuple], *, max_gt: int | None, preset: str, img_size
         labels[i, :n] = target["labels"]
         valid[i, :n] = True
         image_size[i] = torch.tensor([h, w])
-    return out, {"boxes": boxes, "labels": labels, "valid": valid, "image_size": image_size}, list(metas)
+        if stride:
+            if "masks" not in target:
+                raise ValueError(f"preset {preset!r} trains on masks, image {meta['file_name']} has none: build the "
+                                 "training set with_masks")
+            full = target["masks"].as_subclass(torch.Tensor)  # uint8 [n, h, w]; bottom/right padding moves no centre
+            centers[i, :n] = center_of_mass(full)
+            valid[i, :n] = full.flatten(1).any(1)  # mmdet's valid_mask_flags
+            small = downsample_masks(torch.nn.functional.pad(full, (0, -w % stride, 0, -h % stride)), stride)
+            masks[i, :n, :small.shape[1], :small.shape[2]] = small  # [n, ceil(h / s), ceil(w / s)]
+    targets = {"boxes": boxes, "labels": labels, "valid": valid, "image_size": image_size}
+    if stride:
+        targets.update(masks=masks, mask_centers=centers)
+    if not evaluation and "check_targets" in preset_fns:
+        preset_fns["check_targets"](targets, list(metas))
+    return out, targets, list(metas)
 
 
 class GroupedBatchSampler(Sampler[list[int]]):
@@ -314,7 +377,8 @@ def build_datasets(
 ) -> tuple[CocoDetection, CocoDetection]:
     """(train, val) with the preset's transforms, from the COCO layout at `data_path` (annotation files and image
     folders overridable), or with None from the synthetic set in $PLAINVISION_CACHE (default ~/.cache/plainvision),
-    written by rank 0 while the others wait."""
+    written by rank 0 while the others wait. A preset with a "mask_stride" trains on masks: the training set is
+    built with_masks (the validation set needs none, COCOeval reads its annotation file)."""
     if data_path is None:
         data_path = default_cache() / f"synthetic_coco_{synthetic_train}_{synthetic_val}"
         if is_main_process():
@@ -322,7 +386,7 @@ def build_datasets(
         barrier()
     transforms = get_preset(preset)
     train = CocoDetection(data_path, "train", transforms["train_transforms"](img_size), ann_file=train_ann,
-                          img_dir=train_images)
+                          img_dir=train_images, with_masks="mask_stride" in transforms)
     val = CocoDetection(data_path, "val", transforms["eval_transforms"](img_size), ann_file=val_ann, img_dir=val_images)
     for dataset, purpose in ((train, "train on"), (val, "evaluate")):
         if len(dataset) == 0:

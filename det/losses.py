@@ -34,3 +34,11 @@ def gaussian_focal_loss(pred: Tensor, target: Tensor, alpha: float = 2.0, gamma:
     pos = target.eq(1)
     weight = torch.where(pos, (1 - pred).pow(alpha), pred.pow(alpha) * (1 - target).pow(gamma))
     return -((torch.where(pos, pred, 1 - pred) + eps).log() * weight).sum()
+
+
+def dice_loss(probs: Tensor, target: Tensor, eps: float = 1e-3) -> Tensor:
+    """V-Net's Dice loss (Milletari et al. 2016, eq. 1) per mask, as mmdet's dice_loss with naive_dice=False: probs
+    and target [..., D] (probabilities, and 0/1 or bool masks flattened over their pixels) -> [...] of
+    1 - 2 sum(p t) / (sum(p^2) + eps + sum(t^2) + eps). eps keeps an empty target against a zero prediction finite."""
+    target = target.float()
+    return 1 - 2 * (probs * target).sum(-1) / (((probs * probs).sum(-1) + eps) + ((target * target).sum(-1) + eps))

@@ -103,3 +103,41 @@ def select_and_nms(
     boxes, scores, labels, valid = batched_nms(cand_boxes, cand_scores, cand_labels, valid, iou_thr=iou_thr,
                                                max_det=max_det, max_candidates=max_candidates)
     return {"boxes": boxes, "scores": scores, "labels": labels, "valid": valid}
+
+
+def matrix_nms(
+    masks: Tensor, scores: Tensor, labels: Tensor, valid: Tensor, *, sigma: float, filter_thr: float, max_det: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SOLOv2's Matrix NMS (Wang et al. 2020, "SOLOv2", sec. 3.3.2) with the Gaussian kernel, label-specific, as
+    mmdet's mask_matrix_nms, for a whole batch: every score decays by how much its mask overlaps higher-scored masks
+    of its class, in one pass over the [N, N] IoU matrix instead of greedy suppression.
+
+    masks [B, N, ...] bool, scores [B, N], labels [B, N], valid [B, N]. Candidate j ranked below i (by score) decays
+    by min over i of exp(-sigma (iou_ij^2 - c_i^2)), c_i the largest IoU of i with a mask of its class ranked above
+    it (0 for none); decayed scores below filter_thr are dropped, the max_det best are kept. Invalid
+    candidates rank last and their IoUs are masked to 0, so they neither decay others nor are kept.
+    Returns (scores [B, max_det] decayed, labels, index [B, max_det] into N, valid), sorted by decayed score,
+    padding rows invalid with score 0.
+    """
+    flat = masks.flatten(2).float()  # [B, N, D]
+    area = flat.sum(-1)  # [B, N]
+    with torch.autocast(masks.device.type, enabled=False):  # pixel counts: fp16 rounds them past 2048, ends at 65504
+        inter = flat @ flat.transpose(1, 2)  # [B, N, N]
+    order = scores.masked_fill(~valid, float("-inf")).argsort(dim=1, descending=True)  # [B, N]
+    n = order.shape[1]
+    inter = inter.gather(1, order[:, :, None].expand(-1, -1, n)).gather(2, order[:, None, :].expand(-1, n, -1))
+    area, scores, labels, valid = (t.gather(1, order) for t in (area, scores, labels, valid))
+    union = area[:, :, None] + area[:, None, :] - inter
+    # [B, i, j]: i ranks above j, same class, both real; the clamp only guards 0 / 0 between two empty masks
+    pairs = torch.ones(n, n, dtype=torch.bool, device=masks.device).triu(diagonal=1) & (
+        labels[:, :, None] == labels[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    decay_iou = torch.where(pairs, inter / union.clamp(min=1e-6), 0.0)  # [B, N, N]
+    compensate_iou = decay_iou.amax(dim=1)  # [B, N]: each candidate's largest IoU with a higher-ranked one
+    # mmdet: min over rows i of exp(-sigma iou_ij^2) / exp(-sigma c_i^2)
+    coefficient = (torch.exp(-sigma * decay_iou**2) / torch.exp(-sigma * compensate_iou**2)[:, :, None]).amin(dim=1)
+    scores = scores * coefficient
+    keep = valid & (scores >= filter_thr)
+    top, index = scores.masked_fill(~keep, float("-inf")).topk(min(max_det, n), dim=1)
+    out = (top.masked_fill(top == float("-inf"), 0.0), labels.gather(1, index), order.gather(1, index),
+           keep.gather(1, index))
+    return tuple(torch.nn.functional.pad(t, (0, max_det - n)) for t in out) if n < max_det else out

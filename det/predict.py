@@ -1,4 +1,4 @@
-"""Detect objects in pictures with a trained checkpoint: draw boxes, class names and scores, and print them.
+"""Detect objects in pictures with a trained checkpoint: draw boxes (or masks), class names and scores, and print them.
 
   python -m det.predict --weights output/det/best.pth street.jpg dog.jpg --out predictions/
   python -m det.predict --weights best.pth val2017/000001.jpg --scale 3 --gt annotations/instances_val2017.json
@@ -29,6 +29,7 @@ from common.device import resolve_device
 from common.images import to_rgb
 from det import data
 from det.eval import to_coco_results
+from det.masks import decode_segmentation
 from det.models import RECIPES, build_model
 from det.presets import get_preset
 
@@ -116,9 +117,14 @@ def _detect_one(model: nn.Module, pixels: Tensor, info: dict, device: torch.devi
         out = model(batch.to(device), image_size=targets["image_size"].to(device))
     classes = info["classes"]
     identity = list(range(len(classes)))  # keep contiguous labels as the "category ids"
-    found = to_coco_results(out["boxes"], out["scores"], out["labels"], out["valid"], metas, identity)
-    return [{"box": [x, y, x + w, y + h], "score": r["score"], "label": r["category_id"],
-             "class": classes[r["category_id"]]} for r in found for x, y, w, h in [r["bbox"]]]
+    found = to_coco_results(out["boxes"], out["scores"], out["labels"], out["valid"], metas, identity,
+                            out.get("masks"), targets["image_size"])  # with masks: pasted, boxes from them
+    detections = [{"box": [x, y, x + w, y + h], "score": r["score"], "label": r["category_id"],
+                   "class": classes[r["category_id"]]} for r in found for x, y, w, h in [r["bbox"]]]
+    for d, r in zip(detections, found, strict=True):
+        if "segmentation" in r:  # the RLE evaluation scores, decoded: the same mask
+            d["mask"] = torch.from_numpy(decode_segmentation(r["segmentation"], h0, w0, "predicted")).bool()
+    return detections
 
 
 def detect(model: nn.Module, images, *, score_thr: float = 0.3,
@@ -130,6 +136,8 @@ def detect(model: nn.Module, images, *, score_thr: float = 0.3,
     the model's evaluation preset onto its canvas, as in training. Returns for one picture its detections, for a list
     or a batch one list per picture; a detection is {"box": [x1, y1, x2, y2] in the picture's own pixels, "score":
     float, "label": int (0..C-1), "class": name}, best first, those scoring at least `score_thr`, at most `max_det`.
+    An instance-segmentation model's detections also hold "mask", bool [H, W] at the picture's size (pasted as in
+    mmdet), and their "box" is that mask's extent.
     """
     info = getattr(model, "predict_info", None)
     if info is None:
@@ -200,16 +208,37 @@ def _dashed_rectangle(canvas: ImageDraw.ImageDraw, box: list[float], color: tupl
             t += dash + gap
 
 
+def paint_masks(image: Image.Image, masks: list[Tensor], colors: list[tuple], line: int,
+                alpha: float = 0.45) -> Image.Image:
+    """`image` with each bool [h, w] mask (any size: resized to the picture, nearest) blended in its colour at
+    `alpha` and its `line`-px inner border in the full colour; the first mask (the best detection) painted last, on
+    top."""
+    pixels = F.pil_to_tensor(image).float()  # [3, H, W]
+    size = list(pixels.shape[-2:])
+    for mask, color in reversed(list(zip(masks, colors, strict=True))):
+        mask = F.resize(mask[None].to(torch.uint8), size, interpolation=F.InterpolationMode.NEAREST).bool()  # [1,H,W]
+        # pixels of the mask within `line` of one outside it: an erosion by max-pooling the outside
+        border = mask & (torch.nn.functional.max_pool2d((~mask).float()[None], 2 * line + 1, 1, line)[0] > 0)
+        color = torch.tensor(color, dtype=torch.float32).view(3, 1, 1)
+        pixels = torch.where(mask, pixels * (1 - alpha) + color * alpha, pixels)
+        pixels = torch.where(border, color, pixels)
+    return F.to_pil_image(pixels.round().to(torch.uint8))
+
+
 def draw(image: Image.Image, detections: list[dict], *, scale: float = 1.0, dashed: bool = False) -> Image.Image:
     """The picture enlarged `scale` times with a rectangle per detection ({"box", "label", "class"} and, unless it is
-    ground truth, "score"; best first) and a "class score" label placed by `place_labels`; `dashed` outlines mark
-    ground truth."""
+    ground truth, "score"; best first), or where it has a "mask" the mask painted translucent with its outline
+    (`paint_masks`), and a "class score" label placed by `place_labels`; `dashed` outlines mark ground truth."""
     image = to_rgb(image)
     if scale != 1:
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+    line = max(1, round(min(image.size) / 150))
+    masked = [d for d in detections if "mask" in d]
+    if masked:
+        image = paint_masks(image, [d["mask"] for d in masked], [PALETTE[d["label"] % len(PALETTE)] for d in masked],
+                            min(line, 2))
     canvas = ImageDraw.Draw(image)
     font = _font(image.size)
-    line = max(1, round(min(image.size) / 150))
     # by their corners: a CenterNet size can come out negative, and mmdet keeps such boxes (PIL refuses them)
     boxes = [[v * scale for v in (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))]
              for x1, y1, x2, y2 in (d["box"] for d in detections)]
@@ -220,6 +249,8 @@ def draw(image: Image.Image, detections: list[dict], *, scale: float = 1.0, dash
         sizes.append((right - left + 4, bottom - top + 4))
     for d, box in zip(detections, boxes, strict=True):  # every outline first: no box is drawn over a label
         color = PALETTE[d["label"] % len(PALETTE)]
+        if "mask" in d:  # its outline is painted
+            continue
         if dashed:
             _dashed_rectangle(canvas, box, color, line)
         else:

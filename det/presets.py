@@ -4,7 +4,10 @@ A preset is three functions and a colour, in a plain dict: "canvas_size" (img_si
 canvas a batch lies on, "train_transforms" img_size -> the training transforms and "eval_transforms" img_size -> the
 evaluation transforms of (image, {"boxes", "labels"}), in torchvision transforms v2 (boxes follow the image), and
 "fill": the RGB colour of the canvas around a smaller image (what the model's preprocessing maps padding to in
-mmdet); optionally "eval_canvas_size", the evaluation canvas where it differs from the training one (CenterNet).
+mmdet); optionally "eval_canvas_size", the evaluation canvas where it differs from the training one (CenterNet),
+"mask_stride", the stride of the instance-mask targets of training batches (SOLOv2: 4, det/data.py collate), and
+"check_targets", a function (targets, metas) -> None that collate calls on every training batch and that raises a
+ValueError naming the image when a batch does not fit the model.
 `PRESETS` maps a recipe's "preset" name to them; a new family adds its functions and one entry.
 """
 import math
@@ -15,6 +18,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from det import centernet_data, yolox_data
+from det.models import solov2
 
 MEAN_COLOR = (124, 116, 104)  # mmdet's pixel mean (123.675, 116.28, 103.53), rounded: a pad normalises to ~0
 
@@ -158,7 +162,15 @@ PRESETS = {
     "centernet": {"canvas_size": square_canvas_size, "eval_canvas_size": centernet_eval_canvas_size,
                   "train_transforms": centernet_train_transforms, "eval_transforms": centernet_eval_transforms,
                   "fill": MEAN_COLOR},
+    # SOLOv2 (configs/_base_/datasets/coco_instance.py): RetinaNet's resize and flip, masks moved with them;
+    # mmdet pads after normalising with 0: the mean colour
+    "solov2": {"canvas_size": retinanet_canvas_size, "train_transforms": retinanet_train_transforms,
+               "eval_transforms": retinanet_eval_transforms, "fill": MEAN_COLOR, "mask_stride": 4,
+               "check_targets": solov2.check_targets},
 }
+# SOLOv2-light: the same pipeline; its smaller scale ranges in the pair budget's check
+PRESETS["solov2_light"] = dict(PRESETS["solov2"],
+                               check_targets=partial(solov2.check_targets, scale_ranges=solov2.LIGHT_SCALE_RANGES))
 
 
 def get_preset(name: str) -> dict:

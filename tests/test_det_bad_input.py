@@ -95,3 +95,40 @@ def test_unique_stems():
 
     taken = set()
     assert [unique_stem(s, taken) for s in ("x", "x", "x_1", "x", "y")] == ["x", "x_1", "x_1_1", "x_2", "y"]
+
+
+def test_objects_without_a_polygon_are_skipped_and_counted(tmp_path, capsys):
+    """with_masks: a polygon part of under 3 points is dropped (mmdet's LoadAnnotations); an object left with none
+    (or an empty segmentation) is skipped and counted with its annotation ids, its box and label with it; crowd
+    regions stay out before any check; RLEs of the image's size are kept."""
+    square = [4, 4, 24, 4, 24, 24, 4, 24]
+    write_split(tmp_path, "train", [(1, 64, 48), (2, 64, 48)], [
+        {"image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20], "segmentation": [square, [1, 1, 2, 2]]},
+        {"image_id": 1, "category_id": 1, "bbox": [30, 4, 20, 20], "segmentation": [[30, 4, 50, 4]]},
+        {"image_id": 2, "category_id": 1, "bbox": [4, 4, 20, 20], "segmentation": []},
+        {"image_id": 2, "category_id": 1, "bbox": [4, 4, 8, 8], "segmentation": {"size": [48, 64], "counts": [200, 8]}},
+        {"image_id": 2, "category_id": 1, "bbox": [0, 0, 5, 5], "iscrowd": 1,
+         "segmentation": {"size": [1, 1], "counts": [1]}},
+    ])
+    dataset = data.CocoDetection(tmp_path, "train", with_masks=True)
+    assert "2 objects; left out 1 crowd regions and 0 boxes under 1 px; skipped 2 objects without a polygon of 3 " \
+           "or more points (annotation ids 2, 3)" in capsys.readouterr().out
+    assert dataset.no_polygon == [2, 3] and dataset.mask_anns == [[1], [4]]
+    _, target, _ = dataset[0]
+    assert target["masks"].shape == (1, 48, 64) and target["masks"].sum() == 400 and len(target["boxes"]) == 1
+    assert data.CocoDetection(tmp_path, "train").no_polygon == []  # without masks nothing is checked
+
+
+@pytest.mark.parametrize("segmentation,message", [
+    ({"size": [64, 48], "counts": [5, 10]}, r"annotation 2 has an RLE of size \[64, 48\], but its image is \[48, 64\]"),
+    ({"counts": "abc"}, r"annotation 2 has an RLE of size None"),
+    ([4, 4, 24, 4, 24, 24], "annotation 2 has a segmentation that is neither a list of polygons"),
+    (None, "annotation 2 has a segmentation that is neither"),
+])
+def test_a_bad_segmentation_is_an_error_naming_the_file_and_annotation(tmp_path, segmentation, message):
+    write_split(tmp_path, "train", [(1, 64, 48)], [
+        {"image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20], "segmentation": [[4, 4, 24, 4, 24, 24]]},
+        {"image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20], "segmentation": segmentation}])
+    with pytest.raises(ValueError, match=r"instances_train2017.json: " + message):
+        data.CocoDetection(tmp_path, "train", with_masks=True)
+    data.CocoDetection(tmp_path, "train")  # a box detector does not read segmentations

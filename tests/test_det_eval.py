@@ -1,12 +1,19 @@
-"""det/eval.py: COCOeval against hand-computed AP, mapping back to file coordinates and category ids, edge cases."""
+"""det/eval.py: COCOeval against hand-computed AP, mapping back to file coordinates and category ids, edge cases;
+mask results (pasted, RLE, boxes from the masks) and train_det's segm evaluation."""
 import json
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from det import data
 from det.eval import STATS, coco_evaluate, save_results, to_coco_results
+from det.masks import decode_segmentation, mask_boxes
+from det.presets import get_preset
+from det.synthetic_coco import synthetic_coco
 
 
 def make_gt(images: list[tuple[int, int, int]], boxes: list[tuple[int, int, list[float]]], cat_ids=(3, 7)) -> COCO:
@@ -138,3 +145,127 @@ def test_saved_detections_are_what_coco_tools_load(tmp_path):
     loaded = gt.loadRes(str(tmp_path / "out" / "detections_val.json"))
     assert loaded.getAnnIds() and loaded.loadAnns(loaded.getAnnIds())[0]["bbox"] == [10.0, 10.0, 40.0, 40.0]
     assert not list((tmp_path / "out").glob(".*"))  # no temporary file left
+
+
+def test_segm_takes_the_mask_area_not_the_box_area():
+    """mmdet's CocoMetric drops a segm result's "bbox": loadRes would give the detection its box's area. A small gt
+    square (20 x 20) found exactly (score 0.5), and a higher-scoring false positive whose mask is a thin diagonal
+    (small: ~150 px) in a 52 x 50 box (medium): in the small range it counts, so APs is 1/2, where box AP (the box's
+    area) ignores it."""
+    gt = make_gt([(1, 120, 120)], [(1, 3, [10, 10, 20, 20])])
+    gt.dataset["annotations"][0]["segmentation"] = [[10, 10, 30, 10, 30, 30, 10, 30]]
+    gt.createIndex()
+    square = np.zeros((120, 120), dtype=np.uint8)
+    square[10:30, 10:30] = 1
+    diagonal = np.zeros((120, 120), dtype=np.uint8)
+    for k in range(50):
+        diagonal[60 + k, 60 + k:63 + k] = 1
+
+    def rle(m: np.ndarray) -> dict:
+        return {**(r := mask_utils.encode(np.asfortranarray(m))), "counts": r["counts"].decode()}
+
+    results = [{"image_id": 1, "category_id": 3, "segmentation": rle(square), "bbox": [10, 10, 20, 20], "score": 0.5},
+               {"image_id": 1, "category_id": 3, "segmentation": rle(diagonal), "bbox": [60, 60, 52, 50],
+                "score": 0.9}]
+    stats = coco_evaluate(gt, results, iou_type="segm")
+    assert stats["APs"] == pytest.approx(0.5, abs=0.01) and stats["APm"] == -1
+    assert coco_evaluate(gt, results)["APs"] == pytest.approx(1.0)  # boxes: the false positive is medium, ignored
+    assert "bbox" in results[0]  # the caller's dicts are left alone
+
+
+@pytest.fixture(scope="module")
+def synthetic_val(tmp_path_factory):
+    root = synthetic_coco(tmp_path_factory.mktemp("segm") / "synthetic_coco", num_train=1, num_val=8)
+    return data.CocoDetection(root, "val", get_preset("solov2")["eval_transforms"](192))
+
+
+def soft_gt_masks(dataset: data.CocoDetection, indices: list[int], shift: int = 0) -> tuple:
+    """An evaluation batch of `indices` and what a perfect SOLOv2 would answer: each image's non-crowd gt masks,
+    decoded at the file's size, resized (bilinear) onto the image's place on the canvas and averaged over 4 x 4
+    cells: float [B, K, H/4, W/4] soft masks, `shift` cells to the right."""
+    images, targets, metas = data.collate([dataset[i] for i in indices], max_gt=None, preset="solov2", img_size=192,
+                                          evaluation=True)
+    k, (height, width) = 100, images.shape[-2:]
+    out = {"boxes": torch.zeros(len(indices), k, 4), "scores": torch.zeros(len(indices), k),
+           "labels": torch.zeros(len(indices), k, dtype=torch.int64), "valid": torch.zeros(len(indices), k, dtype=bool),
+           "masks": torch.zeros(len(indices), k, height // 4, width // 4)}
+    for b, (index, (h, w)) in enumerate(zip(indices, targets["image_size"].tolist(), strict=True)):
+        info = dataset.coco.imgs[dataset.ids[index]]
+        anns = [a for a in dataset.coco.imgToAnns[info["id"]] if not a["iscrowd"]]
+        for j, ann in enumerate(anns):
+            full = torch.from_numpy(decode_segmentation(ann["segmentation"], info["height"], info["width"], ann["id"]))
+            canvas = torch.zeros(1, 1, height, width)
+            canvas[..., :h, :w] = torch.nn.functional.interpolate(full[None, None].float(), size=(h, w),
+                                                                  mode="bilinear", align_corners=False)
+            out["masks"][b, j] = torch.nn.functional.avg_pool2d(canvas, 4)[0, 0].roll(shift, -1)
+            out["labels"][b, j] = dataset.label_to_cat.index(ann["category_id"])
+            out["scores"][b, j], out["valid"][b, j] = 0.9 - 0.01 * j, True
+    return targets, metas, out
+
+
+def test_ground_truth_masks_fed_back_score_mask_ap_near_1(synthetic_val):
+    """The gt's masks at stride 4 through to_coco_results (pasted at the file's size, RLE, boxes from the pasted
+    masks): mask AP near 1 (AP50 1); box AP50 1 too, its AP lower (measured 0.76): at stride 4 (3.5 file px here)
+    the cells round corners and tips off, each box side moves in by about a pixel, and small boxes fail the IoU
+    thresholds from 0.85. Shifted 2 cells (8 canvas px) right, both drop."""
+    stats = {}
+    for shift in (0, 2):
+        results = []
+        for index in range(len(synthetic_val)):  # one per batch: landscape and portrait canvases
+            targets, metas, out = soft_gt_masks(synthetic_val, [index], shift)
+            results += to_coco_results(out["boxes"], out["scores"], out["labels"], out["valid"], metas,
+                                       synthetic_val.label_to_cat, out["masks"], targets["image_size"])
+        assert len(results) == sum(map(len, synthetic_val.labels)) > 10
+        json.dumps(results)
+        for r in results:
+            h0, w0 = synthetic_val.coco.imgs[r["image_id"]]["height"], synthetic_val.coco.imgs[r["image_id"]]["width"]
+            mask = mask_utils.decode(r["segmentation"])
+            assert mask.shape == (h0, w0) and mask.any()
+            x1, y1, x2, y2 = mask_boxes(torch.from_numpy(mask)[None].bool())[0].tolist()
+            assert r["bbox"] == [x1, y1, x2 - x1, y2 - y1]  # the box of the pasted mask
+        stats[shift] = (coco_evaluate(synthetic_val.coco, results, iou_type="segm"),
+                        coco_evaluate(synthetic_val.coco, results))
+    (segm, bbox), (segm_shifted, bbox_shifted) = stats[0], stats[2]
+    assert segm["AP50"] == bbox["AP50"] == pytest.approx(1.0) and segm["AP"] > 0.9 and bbox["AP"] > 0.7
+    assert segm_shifted["AP"] < segm["AP"] - 0.2 and bbox_shifted["AP"] < bbox["AP"] - 0.2
+
+
+class Replay(torch.nn.Module):
+    """A model in eval mode that answers each call with the next of `outputs` (the interface's eval dict)."""
+
+    def __init__(self, outputs: list[dict]) -> None:
+        super().__init__()
+        self.outputs = iter(outputs)
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # a device to be on
+
+    def forward(self, images: torch.Tensor, image_size: torch.Tensor) -> dict[str, torch.Tensor]:
+        return next(self.outputs)
+
+
+def test_train_det_evaluates_masks_and_their_boxes(synthetic_val, tmp_path, monkeypatch, capsys):
+    """A recipe with iou_type "segm" and a model answering the gt's soft masks: both summaries written (mask AP 0.96,
+    box AP 0.76, as in the test above), mask AP under the usual names (what picks best.pth) and the boxes' prefixed
+    bbox_, all of it one readable record of log.jsonl."""
+    import train_det
+    from common.loop import evaluate_and_log
+    from det.models import RECIPES
+
+    monkeypatch.setitem(RECIPES, "retinanet_r18", {**RECIPES["retinanet_r18"], "iou_type": "segm"})
+    args = train_det.parse_args(["--model", "retinanet_r18", "--output-dir", str(tmp_path), "--batch-size", "2"])
+    args.world_size, args.memory_format, args.log_file = 1, torch.contiguous_format, tmp_path / "log.jsonl"
+    _, val_loader = data.build_loaders(synthetic_val, synthetic_val, preset="solov2", img_size=192, batch_size=2,
+                                       workers=0, rank=0, world_size=1, seed=0, max_gt=None)
+    run_eval = partial(train_det.evaluate, loader=val_loader, device=torch.device("cpu"), args=args)
+    model = Replay([soft_gt_masks(synthetic_val, batch)[2] for batch in val_loader.batch_sampler])
+    stats = evaluate_and_log(run_eval, model.eval(), None, args, epoch=0, step=1)
+    assert list(stats) == list(STATS) + [f"bbox_{name}" for name in STATS]
+    assert json.loads((tmp_path / "coco_segm_summary.json").read_text()) == {k: stats[k] for k in STATS}
+    assert json.loads((tmp_path / "coco_bbox_summary.json").read_text()) == {k: stats[f"bbox_{k}"] for k in STATS}
+    assert stats["AP"] > 0.9 and 0.7 < stats["bbox_AP"] < 0.85
+    detections = json.loads((tmp_path / "detections_val.json").read_text())
+    assert len(detections) == sum(map(len, synthetic_val.labels)) and all({"segmentation", "bbox"} <= set(d)
+                                                                          for d in detections)
+    record = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert record["mode"] == "val" and record["epoch"] == 0 and {"AP", "bbox_AP", "bbox_ARl"} <= set(record)
+    out = capsys.readouterr().out
+    assert out.index("masks (segm):") < out.index("boxes of the masks (bbox):")

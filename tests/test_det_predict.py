@@ -152,3 +152,54 @@ def test_readme_python_example_runs(ckpt, tmp_path):
     model = predict.load(ckpt)
     assert lines and len(lines) == len(predict.detect(model, tmp_path / "street.jpg"))
     assert all(line.split(" ", 1)[0] == CLASSES[SURE] and "[" in line for line in lines), lines
+
+
+class MaskModel(torch.nn.Module):
+    """An instance-segmentation model's eval output (the shared interface): 100 padded rows, two valid: class SURE
+    over canvas cells rows 4-7, columns 4-11 (stride 4: canvas px 16-32 x 16-48), and class 5 as a lower-scoring
+    blob to the right of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # a device to be on
+        self.predict_info = {"model": "masks", "preset": "solov2", "img_size": 64, "classes": CLASSES}
+
+    def forward(self, images: torch.Tensor, image_size: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, (height, width), k = len(images), images.shape[-2:], 100
+        masks = torch.zeros(b, k, height // 4, width // 4)
+        masks[:, 0, 4:8, 4:12] = 0.95
+        masks[:, 1, 6:10, 14:18] = 0.8
+        valid, labels, scores = (torch.zeros(b, k, dtype=dtype) for dtype in (torch.bool, torch.int64, torch.float32))
+        valid[:, :2], labels[:, 0], labels[:, 1], scores[:, 0], scores[:, 1] = True, SURE, 5, 0.9, 0.6
+        return {"boxes": torch.zeros(b, k, 4), "scores": scores, "labels": labels, "valid": valid, "masks": masks}
+
+
+def test_detect_and_draw_masks():
+    """A 128 x 96 picture on solov2's 64 canvas (scale 2/3): each detection's mask is the model's soft mask pasted
+    at the picture's size (det.masks.paste_masks), its box that mask's extent; `draw` blends the mask in its class
+    colour (0.45) with a solid border, leaves the rest of the picture alone, and labels it with class and score."""
+    from det.masks import mask_boxes, paste_masks
+
+    model = MaskModel().eval()
+    image = Image.new("RGB", (128, 96), (40, 90, 40))
+    found = predict.detect(model, image, score_thr=0.0)
+    assert [d["class"] for d in found] == [CLASSES[SURE], CLASSES[5]] and set(found[0]) == {
+        "box", "score", "label", "class", "mask"}
+    canvas_out = model(torch.zeros(1, 3, 64, 128), torch.tensor([[64, 85]]))
+    expected = paste_masks(canvas_out["masks"][0, :2], (64, 85), (96, 128))
+    for d, mask in zip(found, expected, strict=True):
+        assert d["mask"].dtype == torch.bool and torch.equal(d["mask"], mask) and mask.any()
+        assert d["box"] == mask_boxes(mask[None])[0].tolist()
+    assert found[0]["box"] == [24.0, 24.0, 72.0, 48.0]  # canvas px 16-48 x 16-32, x 3/2
+    drawn = predict.draw(image, found)
+    pixels, before = F.pil_to_tensor(drawn).int(), F.pil_to_tensor(image).int()
+    color = torch.tensor(predict.PALETTE[SURE]).view(3, 1)
+    inside = pixels[:, 30:44, 30:68].flatten(1)  # well inside the first mask
+    assert (inside - (before[:, 30:44, 30:68].flatten(1) * 0.55 + color * 0.45).round()).abs().max() <= 1
+    left = found[0]["mask"][:, 24]  # the mask's first column: its border, in the full colour
+    assert left.sum() > 15 and (pixels[:, left, 24] == color).all()
+    assert (pixels[:, 26:, 24][:, ~left[26:]] != color).any(0).all()  # below the label: outside the mask
+    assert torch.equal(pixels[:, 60:, :20], before[:, 60:, :20])  # far from both masks and labels: untouched
+    x1, y1, x2, y2 = (round(v) for v in predict.place_labels([found[0]["box"]], [(10, 10)], (128, 96))[0])
+    assert (pixels[:, y1:y2, x1:x2] == color.view(3, 1, 1)).all(0).any()  # the label's background
+    assert predict.draw(image, found, scale=2).size == (256, 192)

@@ -3,7 +3,8 @@
 A family file (det/models/<family>.py: blocks, model class, builders at the bottom) provides, by name:
 - builders `<name>(num_classes=80) -> nn.Module`, listed in MODELS below; the model's forward takes
   (images, targets) in training -> {"loss_*": scalar}, (images, image_size=None) in eval -> padded detections
-  {"boxes" [B, K, 4], "scores", "labels", "valid" [B, K]};
+  {"boxes" [B, K, 4], "scores", "labels", "valid" [B, K]} (instance segmentation adds "masks" [B, K, h, w]: soft
+  masks on the canvas at stride 4, SOLOv2);
 - `RECIPES`: {name: dict(preset, img_size, batch_size, lr, ..., iou_type, metric)} for each of its builders, plus
   `frozen_stages` and `norm_eval` where the builder takes them (ResNet: both, Darknet: norm_eval; the backbone's
   settings over ImageNet weights; train_det.py trains the whole backbone without weights);
@@ -19,9 +20,9 @@ import torch
 from torch import nn
 
 from common.checkpoint import state_dict_of
-from det.models import centernet, fcos, retinanet, ssd, ssdlite, yolov3, yolox
+from det.models import centernet, fcos, retinanet, solov2, ssd, ssdlite, yolov3, yolox
 
-FAMILIES = (ssd, ssdlite, retinanet, yolov3, yolox, fcos, centernet)
+FAMILIES = (ssd, ssdlite, retinanet, yolov3, yolox, fcos, centernet, solov2)
 MODELS = {
     "ssd300": ssd.ssd300,
     "ssd512": ssd.ssd512,
@@ -32,6 +33,8 @@ MODELS = {
     "yolox_s": yolox.yolox_s,
     "fcos_r50": fcos.fcos_r50,
     "centernet_r18": centernet.centernet_r18,
+    "solov2_r50": solov2.solov2_r50,
+    "solov2_light_r18": solov2.solov2_light_r18,
 }
 RECIPES = {name: recipe for f in FAMILIES for name, recipe in f.RECIPES.items()}  # the mmdet configs' recipes
 

@@ -97,12 +97,13 @@ def fcos_predict(outputs: dict[str, Tensor], image_size: Tensor, *, nms_pre: int
 
 
 class ConvGN(nn.Module):
-    """mmcv's ConvModule with norm_cfg GN(32): a 3x3 conv without bias -> GroupNorm -> ReLU, children `conv`, `gn`,
-    `activate` (mmcv names the norm by its type, so cls/models/layers.py's ConvModule, `bn`, does not fit)."""
+    """mmcv's ConvModule with norm_cfg GN(32): a 3x3 (or kernel_size) conv without bias -> GroupNorm -> ReLU, children
+    `conv`, `gn`, `activate` (mmcv names the norm by its type, so cls/models/layers.py's ConvModule, `bn`, does not
+    fit)."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_groups: int = 32) -> None:
+    def __init__(self, in_channels: int, out_channels: int, num_groups: int = 32, kernel_size: int = 3) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
         self.gn = nn.GroupNorm(num_groups, out_channels)
         self.activate = nn.ReLU(inplace=True)
 
