@@ -4,6 +4,7 @@ the training forward and for inference's post-processing, the recipe, and equali
 fixture (/tmp/solov2_fixture/record_solov2.py, run once with mmdet in its own environment)."""
 import base64
 import gzip
+import hashlib
 import json
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from det.nms import matrix_nms
 from tests.det_compare import LOSS_REL, SCORE_TOL, assert_same_detections
 from tests.graph_check import compiled_outputs
 from tests.mmpretrain_fixture import seeded_state_dict
+from tests.scripts import run_script
 
 DATA = Path(__file__).parent / "data"
 CANVAS = (96, 128)  # (h, w) of the fixture's canvas, a multiple of 32 as mmdet's preprocessor pads
@@ -59,13 +61,24 @@ def fixture_batch(max_gt: int = 8) -> tuple[torch.Tensor, dict[str, torch.Tensor
     return images, targets, full
 
 
-def fixture_state_dict(keys: list[tuple[str, list[int]]]) -> dict[str, torch.Tensor]:
+# per recorded model: its fixture, the class-logit shift of fixture_state_dict, and what mmdet recorded (parameter
+# counts, positive cells per image, detections per image) as a check that the right fixture is read
+FIXTURES = {
+    "solov2_r50": dict(file="mmdet_solov2_r50.json.gz", cls_shift=-4.6, params=(46_592_912, 46_367_568),
+                       cells=[40, 18, 0], detections=[47, 60, 100]),
+    "solov2_light_r18": dict(file="mmdet_solov2_light_r18.json.gz", cls_shift=-4.2, params=(18_271_760, 18_114_256),
+                             cells=[40, 36, 0], detections=[7, 15, 4]),
+}
+
+
+def fixture_state_dict(keys: list[tuple[str, list[int]]], cls_shift: float = -4.6) -> dict[str, torch.Tensor]:
     """Seeded weights (tests/mmpretrain_fixture.py) with the head moved to look like a segmenter's: class logits
-    4.6 lower, so 195-235 (cell, class) local maxima per image pass the 0.1 threshold (under the 500 candidates,
-    where the static selection is mmdet's), and kernels 0.04 lower, so the masks cover from 1 to ~670 of the 768
-    stride-4 cells instead of nearly all (the area filter and Matrix NMS both have work to do)."""
+    `cls_shift` lower (4.6 for R50: 195-235 (cell, class) local maxima per image pass the 0.1 threshold; 4.2 for
+    the light head: 429-478), under the 500 candidates, where the static selection is mmdet's, and kernels 0.04
+    lower, so the masks cover from 1 to ~670 of the 768 stride-4 cells instead of nearly all (the area filter and
+    Matrix NMS both have work to do)."""
     state = seeded_state_dict(keys)
-    state["mask_head.conv_cls.bias"] = state["mask_head.conv_cls.bias"] - 4.6
+    state["mask_head.conv_cls.bias"] = state["mask_head.conv_cls.bias"] + cls_shift
     state["mask_head.conv_kernel.bias"] = state["mask_head.conv_kernel.bias"] - 0.04
     return state
 
@@ -74,8 +87,8 @@ def fixture_state_dict(keys: list[tuple[str, list[int]]]) -> dict[str, torch.Ten
 ORIG_SIZES = ((120, 160), (100, 125), (64, 80))
 
 
-def load_fixture() -> dict:
-    with gzip.open(DATA / "mmdet_solov2_r50.json.gz", "rt") as f:
+def load_fixture(name: str = "solov2_r50") -> dict:
+    with gzip.open(DATA / FIXTURES[name]["file"], "rt") as f:
         return json.load(f)
 
 
@@ -132,15 +145,28 @@ def assert_same_masks(ours: dict[str, torch.Tensor], expected: dict, image_size:
 MASK_TOL = 8
 
 
-def test_equals_mmdet():
+def test_light_r18_counts_and_names_are_mmdets():
+    """solov2-light_r18_fpn_ms-3x_coco as mmdet 3.3.0 builds it (80 classes): 18,271,760 parameters, 18,114,256
+    trainable with frozen_stages 1; the sha256 of its sorted (name, shape) list, recorded from that build in the
+    throw-away venv, equals ours: mmdet's light checkpoints load by name."""
+    model = solov2.solov2_light_r18()
+    assert (count(model), count(model, trainable=True)) == (18_271_760, 18_114_256)
+    names = sorted((k, list(v.shape)) for k, v in model.state_dict().items())
+    assert hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16] == "b277b09cf6784ccb"
+    assert model.scale_ranges == solov2.LIGHT_SCALE_RANGES
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_equals_mmdet(name):
     """The head's outputs, targets, losses and predictions of mmdet 3.3.0 (recorded once) on seeded weights, with
     padded targets, an image without objects and pictures of another size than the images (mmdet's ori_shape):
     mmdet's positive cells, labels and (cell, mask) pairs; both losses; every kept instance's score and label, and
     the best ten's masks pasted at the picture's size (det/masks.py's paste_masks)."""
-    fixture = load_fixture()
-    assert (fixture["params"], fixture["trainable"]) == (46_592_912, 46_367_568)
-    model = solov2.solov2_r50()
-    model.load_state_dict(solov2.from_mmdet(fixture_state_dict(fixture["keys"])), strict=True)  # mmdet's names
+    fixture, expect = load_fixture(name), FIXTURES[name]
+    assert (fixture["params"], fixture["trainable"]) == expect["params"]
+    model = getattr(solov2, name)()
+    model.load_state_dict(solov2.from_mmdet(fixture_state_dict(fixture["keys"], expect["cls_shift"])),
+                          strict=True)  # mmdet's names
     images, targets, full = fixture_batch()
     assert (int(images.long().sum()), int(full.sum())) == (fixture["image_sum"], fixture["mask_sum"])
     outputs = model.train().head_outputs(images)
@@ -148,7 +174,7 @@ def test_equals_mmdet():
         assert outputs[key].sum().item() == pytest.approx(value, rel=LOSS_REL), key
     cell_labels, pos, pair_cell, pair_gt, pair_valid = solo_assign(
         targets["boxes"], targets["labels"], targets["mask_centers"], targets["valid"], CANVAS,
-        num_grids=solov2.NUM_GRIDS, scale_ranges=solov2.SCALE_RANGES, pos_scale=solov2.POS_SCALE, num_classes=80,
+        num_grids=solov2.NUM_GRIDS, scale_ranges=model.scale_ranges, pos_scale=solov2.POS_SCALE, num_classes=80,
         max_pairs=solov2.PAIRS_PER_GT * targets["boxes"].shape[1])
     for b, expected in enumerate(fixture["assigned"]):  # mmdet's positive cells, labels and pairs (cell, mask area)
         assert pos[b].nonzero().squeeze(1).tolist() == expected["cells"], b
@@ -156,14 +182,14 @@ def test_equals_mmdet():
         pairs = [(int(c), int(targets["masks"][b, g].sum())) for c, g in zip(pair_cell[b][pair_valid[b]],
                                                                               pair_gt[b][pair_valid[b]], strict=True)]
         assert sorted(pairs) == sorted(tuple(p) for level in expected["pairs"] for p in level), b
-    assert [len(e["cells"]) for e in fixture["assigned"]] == [40, 18, 0]
-    losses = solov2.solov2_loss(outputs, targets)
+    assert [len(e["cells"]) for e in fixture["assigned"]] == expect["cells"]
+    losses = solov2.solov2_loss(outputs, targets, scale_ranges=model.scale_ranges)
     assert sorted(losses) == sorted(fixture["losses"])
     for key, value in fixture["losses"].items():
         assert losses[key].shape == () and losses[key].item() == pytest.approx(value, rel=LOSS_REL), key
     with torch.no_grad():
         out = model.eval()(images, image_size=targets["image_size"])
-    assert [len(d["scores"]) for d in fixture["detections"]] == [47, 60, 100]
+    assert [len(d["scores"]) for d in fixture["detections"]] == expect["detections"]
     for b, expected in enumerate(fixture["detections"]):
         ours = {k: v[b] for k, v in out.items()}
         # scores and labels as sets (mmdet's SOLOv2 gives no boxes: both sides' are zeros here)
@@ -483,3 +509,27 @@ def test_matrix_nms_counts_pixels_in_float32_under_autocast():
         got = matrix_nms(masks, scores, labels, valid, **cfg)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.convergence
+def test_light_learns_synthetic_masks(tmp_path, tmp_path_factory, monkeypatch, synthetic_resnet18):
+    """SOLOv2-light-R18 from the session's synthetic ResNet-18 backbone (as real training starts from ImageNet
+    weights), the whole path: polygons decoded, masks resized and flipped with the image, stride-4 targets, the pair
+    budget's check, Dice + focal loss, Matrix NMS, pasted masks in COCOeval. 62 steps of 8 images on a 128 px canvas
+    (~5 min here: SOLOv2's grid branches cost the same at any canvas, ~0.5 s per image for the light head; the R50
+    head would take 5x longer). AdamW 2e-4 for the short run: at 5e-4 one of our runs saturated the masks (its
+    Dice loss stayed at 2.8 from step 16 to the end of the epoch, whose checkpoint has 99.99 % of the mask
+    probabilities above 0.99: the dynamic kernels grew too fast under AdamW's per-weight steps). Our run reached
+    mask AP 0.080 / AP50 0.234 after 1 epoch and 0.130 / 0.343 after these 2 (box AP of the masks 0.096 / AP50
+    0.186); the assertion asks for AP50 0.12, where an untrained head scores 0.000."""
+    monkeypatch.setenv("PLAINVISION_CACHE", str(tmp_path_factory.getbasetemp() / "plainvision-cache"))
+    run_script("train_det.py", "--model", "solov2_light_r18", "--device", "cpu", "--epochs", "2", "--img-size", "128",
+               "--synthetic-size", "256", "--batch-size", "8", "--opt", "adamw", "--lr", "2e-4", "--warmup-iters", "20",
+               "--lr-steps", "3", "--eval-interval", "2", "--print-freq", "64", "--workers", "1",
+               "--backbone-weights", str(synthetic_resnet18 / "best.pth"), "--output-dir", str(tmp_path))
+    masks = json.loads((tmp_path / "coco_segm_summary.json").read_text())
+    boxes = json.loads((tmp_path / "coco_bbox_summary.json").read_text())
+    print("synthetic SOLOv2-light-R18, masks:", {k: round(v, 3) for k, v in masks.items()})
+    print("boxes of the masks:", {k: round(v, 3) for k, v in boxes.items()})
+    assert masks["AP50"] > 0.12
+

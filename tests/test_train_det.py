@@ -182,21 +182,6 @@ def test_ssd_preset_trains_on_a_small_canvas(tmp_path, cache):
 
 
 @pytest.mark.convergence
-def test_retinanet_learns_synthetic_shapes(tmp_path, cache, synthetic_resnet18):
-    """RetinaNet-R18 from the session's synthetic ResNet-18 backbone, 252 steps on a 128 px canvas (~5 min here).
-    AdamW: the recipe's SGD needs thousands of steps to move RetinaNet's N(0, 0.01)-initialised head. Our run of
-    these 4 epochs reached AP50 0.027 after 2 and 0.072 after 4 (8 epochs: 0.20-0.39 over our runs, too long for
-    the CI's budget); the assertion asks for 0.03, where an untrained head scores 0.000."""
-    train("--model", "retinanet_r18", "--device", "cpu", "--epochs", "4", "--img-size", "128",
-          "--synthetic-size", "512", "--batch-size", "8", "--opt", "adamw", "--lr", "3e-4",
-          "--warmup-iters", "50", "--lr-steps", "3", "--eval-interval", "4", "--print-freq", "64", "--workers", "1",
-          "--backbone-weights", str(synthetic_resnet18 / "best.pth"), "--output-dir", str(tmp_path))
-    stats = json.loads((tmp_path / "coco_bbox_summary.json").read_text())
-    print("synthetic RetinaNet-R18:", {k: round(v, 3) for k, v in stats.items()})
-    assert stats["AP50"] > 0.03
-
-
-@pytest.mark.convergence
 def test_yolox_learns_synthetic_shapes_from_scratch(tmp_path, cache):
     """YOLOX-s from scratch with its whole pipeline (Mosaic, RandomAffine, MixUp, HSV, flip; the batch multiscale;
     the mode switch for the last epoch; ExpMomentumEMA), 256 steps on a 128 px canvas (~2 min here). AdamW for the
