@@ -73,7 +73,7 @@ def get_args_parser(model: str = "ssd300") -> argparse.ArgumentParser:
                    "batch, the smallest of 32, 64, 128, ... that fits); an image with more is an error")
     g = p.add_argument_group(f"recipe (defaults: {model}'s mmdet recipe; run --model M --help for another's)")
     g.add_argument("--img-size", type=cli.positive_int, help="canvas: SSD's, YOLO's and CenterNet's square side / "
-                   "RetinaNet's and FCOS's short side (1333:800 long)")
+                   "RetinaNet's, FCOS's and SOLOv2's short side (1333:800 long)")
     g.add_argument("-b", "--batch-size", type=cli.positive_int, help="images per device per step")
     g.add_argument("--epochs", type=cli.positive_int, help="passes over the (repeated) training set")
     g.add_argument("--lr", type=cli.positive_float, help="the learning rate, as given (default: --blr x global batch / "

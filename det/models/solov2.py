@@ -246,13 +246,17 @@ class SOLOv2(nn.Module):
                                                                                             self.std))))
         return {"kernels": kernels, "cls_logits": cls_logits, "mask_feats": mask_feats}
 
+    def loss(self, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        """head_outputs' dict + targets (boxes, labels, valid, masks, mask_centers) -> {"loss_mask", "loss_cls"}."""
+        return solov2_loss(outputs, targets, scale_ranges=self.scale_ranges)
+
     def forward(self, images: Tensor, targets: dict[str, Tensor] | None = None,
                 image_size: Tensor | None = None) -> dict[str, Tensor]:
-        """Train: targets (boxes, labels, valid, masks, mask_centers) -> {"loss_mask", "loss_cls"}. Eval: {"boxes"
-        [B, 100, 4], "scores", "labels", "valid" [B, 100], "masks" [B, 100, H / 4, W / 4]} (solov2_predict)."""
+        """Train: targets -> `loss`. Eval: {"boxes" [B, 100, 4], "scores", "labels", "valid" [B, 100], "masks"
+        [B, 100, H / 4, W / 4]} (solov2_predict)."""
         outputs = self.head_outputs(images)
         if self.training:
-            return solov2_loss(outputs, targets, scale_ranges=self.scale_ranges)
+            return self.loss(outputs, targets)
         return solov2_predict(outputs, image_size_or_canvas(images, image_size), **TEST_CFG)
 
 
