@@ -15,8 +15,14 @@ at the `max_det` cut. A position-by-position comparison fails on both; the model
 * anything else unpaired (a wrong box, a wrong label, a missing or extra detection above the cut, a wrong count
   below max_det) fails, naming the detection.
 """
+import gzip
+import json
+from pathlib import Path
+
 import torch
 from torch import Tensor
+
+DATA = Path(__file__).parent / "data"
 
 # Scores are probabilities; the last-bit differences above move them by ~1e-6, so 1e-4 leaves 100x margin and still
 # tells apart any two detections that are not near-ties.
@@ -106,17 +112,27 @@ def fixture_batch(max_gt: int = 4) -> tuple[torch.Tensor, dict[str, torch.Tensor
     return images, {"boxes": boxes, "labels": labels, "valid": valid, "image_size": image_size}
 
 
+def load_mmdet_fixture(name: str) -> dict:
+    """tests/data/mmdet_<name>.json.gz, what a recorder script wrote from mmdet 3.3.0."""
+    with gzip.open(DATA / f"mmdet_{name}.json.gz", "rt") as f:
+        return json.load(f)
+
+
+def assert_same_losses(losses: dict[str, Tensor], expected: dict[str, float]) -> None:
+    """The model's loss dict has exactly the recorded names, each a scalar within LOSS_REL of mmdet's value."""
+    import pytest
+
+    assert sorted(losses) == sorted(expected)
+    for key, value in expected.items():
+        assert losses[key].shape == () and losses[key].item() == pytest.approx(value, rel=LOSS_REL), key
+
+
 def assert_matches_fixture(model, fixture: dict, *, max_det: int) -> None:
     """`model`, with the fixture's seeded weights loaded, on `fixture_batch()`: its training losses and its padded
     detections equal the recorded mmdet ones (losses within LOSS_REL, detections as sets)."""
-    import pytest
-
     images, targets = fixture_batch()
     assert int(images.long().sum()) == fixture["image_sum"]  # the generator gave the same images
-    losses = model.train()(images, targets)
-    assert sorted(losses) == sorted(fixture["losses"])
-    for key, value in fixture["losses"].items():
-        assert losses[key].shape == () and losses[key].item() == pytest.approx(value, rel=LOSS_REL), key
+    assert_same_losses(model.train()(images, targets), fixture["losses"])
     with torch.no_grad():
         out = model.eval()(images, image_size=targets["image_size"])
     assert {k: tuple(v.shape) for k, v in out.items()} == {"boxes": (3, max_det, 4), "scores": (3, max_det),

@@ -8,10 +8,8 @@ targets on `fixture_batch()` and its detections through the config's test pipeli
 mode, DetDataPreprocessor, predict); and RandomCenterCropPad in training mode on `crop_inputs(k)` after
 np.random.seed(k).
 """
-import gzip
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,9 +20,10 @@ from det.models import centernet
 from det.synthetic_coco import synthetic_coco
 from tests.det_compare import (
     CANVAS,
-    LOSS_REL,
     assert_same_detections,
+    assert_same_losses,
     fixture_batch,
+    load_mmdet_fixture,
     small_batch,
 )
 from tests.graph_check import compiled_outputs
@@ -32,7 +31,6 @@ from tests.mmpretrain_fixture import seeded_state_dict
 from tests.scripts import run_script
 from tests.test_det_yolox import statistics_from_one_batch
 
-DATA = Path(__file__).parent / "data"
 PARAMS = 14_219_092  # ../shared/reference/figures.md, and mmdet's own model
 
 
@@ -160,8 +158,7 @@ def test_equals_mmdet():
     """Losses (and the targets' sums) and detections of mmdet 3.3.0's CenterNet on seeded weights, with padded
     targets and an image without objects; detections through mmdet's test pipeline, each image centred on its
     own test canvas (here by the model)."""
-    with gzip.open(DATA / "mmdet_centernet_r18.json.gz", "rt") as f:
-        fixture = json.load(f)
+    fixture = load_mmdet_fixture("centernet_r18")
     assert fixture["params"] == PARAMS
     model = centernet.centernet_r18()
     model.load_state_dict(centernet.from_mmdet(fixture_state_dict(fixture["keys"])), strict=True)  # mmdet's names
@@ -174,9 +171,7 @@ def test_equals_mmdet():
     for key, value in fixture["target_sums"].items():
         assert t[key].sum().item() == pytest.approx(value, rel=1e-6), key
     losses = model.loss(outputs, targets)
-    assert sorted(losses) == sorted(fixture["losses"])
-    for key, value in fixture["losses"].items():
-        assert losses[key].shape == () and losses[key].item() == pytest.approx(value, rel=LOSS_REL), key
+    assert_same_losses(losses, fixture["losses"])
     with torch.no_grad():
         out = model.eval()(images, image_size=targets["image_size"])
     assert out["valid"].all()
@@ -250,8 +245,7 @@ def test_test_canvas_is_mmdets():
     """Each image centred on its own (h | 31) + 1 x (w | 31) + 1 black canvas, as mmdet's RandomCenterCropPad in
     test mode places it (the recorded borders), and the rest of the batch canvas the mean colour (mmdet's 0 after
     normalisation)."""
-    with gzip.open(DATA / "mmdet_centernet_r18.json.gz", "rt") as f:
-        recorded = json.load(f)["test_pad"]
+    recorded = load_mmdet_fixture("centernet_r18")["test_pad"]
     mean = torch.tensor([123.675, 116.28, 103.53])
     images = torch.randint(1, 256, (len(recorded), 3, 100, 130), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(2))
@@ -304,8 +298,7 @@ def test_training_forward_is_one_graph():
 def test_random_center_crop_pad_equals_mmdet():
     """The training crop of each recorded input, drawn from RandomState(k) as mmdet from np.random.seed(k): the same
     size, the same pixels in the same place, the same boxes (float32, bit for bit) and labels."""
-    with gzip.open(DATA / "mmdet_centernet_r18.json.gz", "rt") as f:
-        recorded = json.load(f)["crops"]
+    recorded = load_mmdet_fixture("centernet_r18")["crops"]
     assert any(len(r["boxes"]) for r in recorded) and any(not r["boxes"] for r in recorded)
     for seed, expected in enumerate(recorded):
         image, boxes, labels, crop, border = crop_inputs(seed)

@@ -135,7 +135,6 @@ def test_segm_evaluates_masks_not_boxes():
         coco_evaluate(gt, [], iou_type="keypoints")
 
 
-
 def test_saved_detections_are_what_coco_tools_load(tmp_path):
     """detections_val.json is COCO's results format: pycocotools' loadRes reads it back and scores it as the list."""
     gt = make_gt([(1, 300, 300)], [(1, 3, [10, 10, 40, 40])])

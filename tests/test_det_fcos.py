@@ -1,10 +1,7 @@
 """FCOS-R50: parameter counts, the caffe-style backbone, the train/eval contract, empty and padded targets, the
 point assignment against a per-image port of mmdet's loop, one graph for the whole training forward, checkpoint
 names, the normalisers averaged over ranks, and equality with mmdet 3.3.0 recorded as a fixture."""
-import gzip
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,14 +18,14 @@ from tests.det_compare import (
     CANVAS,
     LOSS_REL,
     assert_same_detections,
+    assert_same_losses,
     fixture_batch,
+    load_mmdet_fixture,
     losses_on_two_ranks,
     small_batch,
 )
 from tests.graph_check import compiled_outputs
 from tests.mmpretrain_fixture import seeded_state_dict
-
-DATA = Path(__file__).parent / "data"
 
 
 def fixture_state_dict(keys: list[tuple[str, list[int]]]) -> dict[str, torch.Tensor]:
@@ -42,11 +39,6 @@ def fixture_state_dict(keys: list[tuple[str, list[int]]]) -> dict[str, torch.Ten
     for level in range(len(fcos.STRIDES)):
         state[f"bbox_head.scales.{level}.scale"] = torch.tensor(1.0)
     return state
-
-
-def load_fixture() -> dict:
-    with gzip.open(DATA / "mmdet_fcos_r50.json.gz", "rt") as f:
-        return json.load(f)
 
 
 def count(model: nn.Module, trainable: bool = False) -> int:
@@ -88,7 +80,7 @@ def test_equals_mmdet():
     """The head's outputs, the assignment, losses and detections of mmdet 3.3.0 (recorded once against mmdet, mmcv's
     NMS replaced by torchvision's) on seeded weights, with padded targets and an image without objects; mmdet was
     fed the images in BGR minus its mean."""
-    fixture = load_fixture()
+    fixture = load_mmdet_fixture("fcos_r50")
     assert (fixture["params"], fixture["trainable"]) == (32_295_322, 32_019_802)
     model = fcos.fcos_r50()
     model.load_state_dict(fcos.from_mmdet(fixture_state_dict(fixture["keys"])), strict=True)  # mmdet's names
@@ -102,9 +94,7 @@ def test_equals_mmdet():
         assert pos[b].nonzero().squeeze(1).tolist() == expected["points"], b
         assert targets["labels"][b][matched[b][pos[b]]].tolist() == expected["labels"], b
     losses = model.loss(outputs, targets)
-    assert sorted(losses) == sorted(fixture["losses"])
-    for key, value in fixture["losses"].items():
-        assert losses[key].shape == () and losses[key].item() == pytest.approx(value, rel=LOSS_REL), key
+    assert_same_losses(losses, fixture["losses"])
     with torch.no_grad():
         out = model.eval()(images, image_size=targets["image_size"])
     assert [len(d["scores"]) for d in fixture["detections"]] == [100, 90, 55]

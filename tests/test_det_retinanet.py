@@ -1,9 +1,6 @@
 """RetinaNet: parameter counts, the train/eval contract, empty and padded targets, compilation of the loss,
 the FPN against torchvision's, frozen stages, and equality with mmdet 3.3.0 recorded as fixtures."""
-import gzip
-import json
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,22 +14,17 @@ from det.anchors import grid_anchors, octave_base_anchors
 from det.backbones import ResNetBackbone
 from det.fpn import FPN
 from det.models import retinanet
-from tests.det_compare import CANVAS, assert_matches_fixture, empty_targets, fixture_batch
+from tests.det_compare import CANVAS, assert_matches_fixture, empty_targets, fixture_batch, load_mmdet_fixture
 from tests.graph_check import compiled_outputs
 from tests.mmpretrain_fixture import seeded_state_dict
 
-DATA = Path(__file__).parent / "data"
+
 def fixture_state_dict(keys: list[tuple[str, list[int]]]) -> dict[str, torch.Tensor]:
     """Seeded weights, with the classifier bias moved to the focal-loss prior so scores look like a detector's
     (mostly below the 0.05 threshold) rather than all near 0.5."""
     state = seeded_state_dict(keys)
     state["bbox_head.retina_cls.bias"] = state["bbox_head.retina_cls.bias"] - 4.6
     return state
-
-
-def load_fixture(name: str) -> dict:
-    with gzip.open(DATA / f"mmdet_{name}.json.gz", "rt") as f:
-        return json.load(f)
 
 
 def count(model: nn.Module, trainable: bool = False) -> int:
@@ -59,7 +51,7 @@ def test_torchvision_twin_differs_by_the_p6_conv_only():
 def test_equals_mmdet(name):
     """Losses and detections of mmdet 3.3.0 (recorded by a script run once against mmdet, mmcv's NMS replaced by
     torchvision's) on seeded weights, with padded and empty images."""
-    fixture = load_fixture(name)
+    fixture = load_mmdet_fixture(name)
     model = getattr(retinanet, name)()
     model.load_state_dict(fixture_state_dict(fixture["keys"]), strict=True)  # mmdet's names are ours
     assert_matches_fixture(model, fixture, max_det=retinanet.TEST_CFG["max_det"])

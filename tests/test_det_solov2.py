@@ -3,10 +3,8 @@ Matrix NMS and the Dice loss against mmdet's formulas, the pair budget's check, 
 the training forward and for inference's post-processing, the recipe, and equality with mmdet 3.3.0 recorded as a
 fixture (/tmp/solov2_fixture/record_solov2.py, run once with mmdet in its own environment)."""
 import base64
-import gzip
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,12 +19,11 @@ from det.losses import dice_loss
 from det.masks import center_of_mass, downsample_masks, mask_boxes, paste_masks
 from det.models import solov2
 from det.nms import matrix_nms
-from tests.det_compare import LOSS_REL, SCORE_TOL, assert_same_detections
+from tests.det_compare import LOSS_REL, SCORE_TOL, assert_same_detections, assert_same_losses, load_mmdet_fixture
 from tests.graph_check import compiled_outputs
 from tests.mmpretrain_fixture import seeded_state_dict
 from tests.scripts import run_script
 
-DATA = Path(__file__).parent / "data"
 CANVAS = (96, 128)  # (h, w) of the fixture's canvas, a multiple of 32 as mmdet's preprocessor pads
 
 
@@ -61,13 +58,13 @@ def fixture_batch(max_gt: int = 8) -> tuple[torch.Tensor, dict[str, torch.Tensor
     return images, targets, full
 
 
-# per recorded model: its fixture, the class-logit shift of fixture_state_dict, and what mmdet recorded (parameter
-# counts, positive cells per image, detections per image) as a check that the right fixture is read
+# per recorded model (tests/data/mmdet_<name>.json.gz): the class-logit shift of fixture_state_dict, and what mmdet
+# recorded (parameter counts, positive cells per image, detections per image) as a check that the right fixture is read
 FIXTURES = {
-    "solov2_r50": dict(file="mmdet_solov2_r50.json.gz", cls_shift=-4.6, params=(46_592_912, 46_367_568),
+    "solov2_r50": dict(cls_shift=-4.6, params=(46_592_912, 46_367_568),
                        cells=[40, 18, 0], detections=[47, 60, 100]),
-    "solov2_light_r18": dict(file="mmdet_solov2_light_r18.json.gz", cls_shift=-4.2, params=(18_271_760, 18_114_256),
-                             cells=[40, 36, 0], detections=[7, 15, 4]),
+    "solov2_light_r18": dict(cls_shift=-4.2, params=(18_271_760, 18_114_256), cells=[40, 36, 0],
+                             detections=[7, 15, 4]),
 }
 
 
@@ -85,11 +82,6 @@ def fixture_state_dict(keys: list[tuple[str, list[int]]], cls_shift: float = -4.
 
 # the picture sizes the fixture's images were resized from (mmdet's ori_shape), so pasting also rescales
 ORIG_SIZES = ((120, 160), (100, 125), (64, 80))
-
-
-def load_fixture(name: str = "solov2_r50") -> dict:
-    with gzip.open(DATA / FIXTURES[name]["file"], "rt") as f:
-        return json.load(f)
 
 
 def unpack_masks(packed: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -117,7 +109,8 @@ def test_parameter_counts_macs_names_and_frozen_backbone():
                       if n.startswith(("backbone.conv1.", "backbone.bn1.", "backbone.layer1."))}
     model.train()
     assert not any(m.training for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d))
-    assert {k: v for k, v in load_fixture()["keys"]} == {k: list(v.shape) for k, v in model.state_dict().items()}
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert {k: v for k, v in load_mmdet_fixture("solov2_r50")["keys"]} == ours
     assert solov2.from_mmdet(model.state_dict()).keys() == model.state_dict().keys()
     assert solov2.solov2_r50(num_classes=3).mask_head.conv_cls.out_channels == 3
     recipe = solov2.RECIPES["solov2_r50"]
@@ -162,7 +155,7 @@ def test_equals_mmdet(name):
     padded targets, an image without objects and pictures of another size than the images (mmdet's ori_shape):
     mmdet's positive cells, labels and (cell, mask) pairs; both losses; every kept instance's score and label, and
     the best ten's masks pasted at the picture's size (det/masks.py's paste_masks)."""
-    fixture, expect = load_fixture(name), FIXTURES[name]
+    fixture, expect = load_mmdet_fixture(name), FIXTURES[name]
     assert (fixture["params"], fixture["trainable"]) == expect["params"]
     model = getattr(solov2, name)()
     model.load_state_dict(solov2.from_mmdet(fixture_state_dict(fixture["keys"], expect["cls_shift"])),
@@ -184,9 +177,7 @@ def test_equals_mmdet(name):
         assert sorted(pairs) == sorted(tuple(p) for level in expected["pairs"] for p in level), b
     assert [len(e["cells"]) for e in fixture["assigned"]] == expect["cells"]
     losses = solov2.solov2_loss(outputs, targets, scale_ranges=model.scale_ranges)
-    assert sorted(losses) == sorted(fixture["losses"])
-    for key, value in fixture["losses"].items():
-        assert losses[key].shape == () and losses[key].item() == pytest.approx(value, rel=LOSS_REL), key
+    assert_same_losses(losses, fixture["losses"])
     with torch.no_grad():
         out = model.eval()(images, image_size=targets["image_size"])
     assert [len(d["scores"]) for d in fixture["detections"]] == expect["detections"]

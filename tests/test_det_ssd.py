@@ -6,9 +6,6 @@ mmdet model of the config, filled with `seeded_state_dict` (keys and shapes reco
 the recorded ground truth; its `model.loss` (train mode) and `model.predict` (eval mode, rescale=False, mmcv's NMS
 replaced by torchvision.ops.batched_nms: the same greedy algorithm) outputs are recorded. Only torch is needed here.
 """
-import gzip
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,11 +17,10 @@ from cls.models import mobilenet_v2, vgg
 from det.models import MODELS, RECIPES, load_backbone_weights, to_our_names
 from det.models import ssd as S
 from det.models import ssdlite as L
-from tests.det_compare import LOSS_REL, assert_same_detections
+from tests.det_compare import LOSS_REL, assert_same_detections, load_mmdet_fixture
 from tests.graph_check import compiled_outputs
 from tests.mmpretrain_fixture import seeded_state_dict
 
-DATA = Path(__file__).parent / "data"
 PARAMS = {"ssd300": 34_305_206, "ssd512": 36_038_196, "ssdlite_mobilenet_v2": 4_228_788}  # figures.md, all trainable
 NUM_ANCHORS = {"ssd300": 8732, "ssd512": 24564, "ssdlite_mobilenet_v2": 3234}  # SSD's paper: 8732 and 24564
 FEATURE_SIZES = {"ssd300": [38, 19, 10, 5, 3, 1], "ssd512": [64, 32, 16, 8, 4, 2, 1],
@@ -168,8 +164,7 @@ def test_train_forward_compiles_as_one_graph():
 
 @pytest.mark.parametrize("name", list(PARAMS))
 def test_equals_mmdet(name):
-    with gzip.open(DATA / f"mmdet_{name}.json.gz", "rt") as f:
-        fixture = json.load(f)
+    fixture = load_mmdet_fixture(name)
     model = MODELS[name]()
     mmdet_checkpoint = {"state_dict": seeded_state_dict(fixture["keys"])}
     model.load_state_dict(to_our_names(name, mmdet_checkpoint), strict=True)  # the family's from_mmdet
@@ -195,8 +190,7 @@ def test_fixture_comparison_survives_another_cpus_rounding():
     to 254 px, two near-equal detections swapped), played here by weights moved by ~2e-7 of themselves, the
     size of float32 summation-order noise: the position-by-position comparison the fixtures once had fails on it,
     the set comparison accepts it."""
-    with gzip.open(DATA / "mmdet_ssd300.json.gz", "rt") as f:
-        fixture = json.load(f)
+    fixture = load_mmdet_fixture("ssd300")
     state = to_our_names("ssd300", {"state_dict": seeded_state_dict(fixture["keys"])})
     g = torch.Generator().manual_seed(1)
     model = S.ssd300().eval()

@@ -1,9 +1,6 @@
 """YOLOv3-D53: parameter count, the grid assigner and responsible cells against per-image ports of mmdet's loops,
 empty and padded targets, one graph for the whole training forward, Darknet's frozen stages / norm_eval, and
 equality with mmdet 3.3.0 recorded as a fixture."""
-import gzip
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +10,10 @@ from det.assign import grid_assign
 from det.boxes import box_iou
 from det.darknet import Darknet
 from det.models import yolov3
-from tests.det_compare import assert_matches_fixture, empty_targets
+from tests.det_compare import assert_matches_fixture, empty_targets, load_mmdet_fixture
 from tests.graph_check import compiled_outputs
 from tests.mmpretrain_fixture import seeded_state_dict
 
-DATA = Path(__file__).parent / "data"
 PARAMS = 61_949_149  # ../shared/reference/figures.md, and mmdet's own model
 
 
@@ -40,8 +36,7 @@ def test_parameter_count():
 def test_equals_mmdet():
     """Losses and detections of mmdet 3.3.0's YOLOv3 (recorded once against mmdet, mmcv's NMS replaced by
     torchvision's) on seeded weights, with padded targets and an image without objects."""
-    with gzip.open(DATA / "mmdet_yolov3_d53.json.gz", "rt") as f:
-        fixture = json.load(f)
+    fixture = load_mmdet_fixture("yolov3_d53")
     assert fixture["params"] == PARAMS
     model = yolov3.yolov3_d53()
     model.load_state_dict(adjust_fixture_state(seeded_state_dict(fixture["keys"])), strict=True)  # mmdet's names

@@ -1,10 +1,7 @@
 """YOLOX-s: parameter count, the train/eval contract, empty and padded targets, SimOTA against a per-image port of
 mmdet's loop, one graph for the whole training forward, checkpoint names, and equality with mmdet 3.3.0 recorded as
 a fixture."""
-import gzip
-import json
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,14 +15,15 @@ from tests.det_compare import (
     CANVAS,
     LOSS_REL,
     assert_same_detections,
+    assert_same_losses,
     fixture_batch,
+    load_mmdet_fixture,
     losses_on_two_ranks,
     small_batch,
 )
 from tests.graph_check import compiled_outputs
 from tests.mmpretrain_fixture import seeded_state_dict
 
-DATA = Path(__file__).parent / "data"
 PARAMS = 8_968_255  # mmdet 3.3.0's YOLOX built from yolox_s_8xb8-300e_coco.py
 
 
@@ -59,8 +57,7 @@ def test_equals_mmdet():
     """Losses (without and with the L1 term), the assignment and detections of mmdet 3.3.0's YOLOX-s (recorded once
     against mmdet, mmcv's NMS replaced by torchvision's) on seeded weights, with padded targets and an image
     without objects; mmdet was fed the images in BGR."""
-    with gzip.open(DATA / "mmdet_yolox_s.json.gz", "rt") as f:
-        fixture = json.load(f)
+    fixture = load_mmdet_fixture("yolox_s")
     assert fixture["params"] == PARAMS
     model = yolox.yolox_s()
     model.load_state_dict(yolox.from_mmdet(fixture_state_dict(fixture["keys"])), strict=True)  # mmdet's names
@@ -78,9 +75,7 @@ def test_equals_mmdet():
     for use_l1, expected in ((False, fixture["losses"]), (True, fixture["losses_l1"])):
         model.bbox_head.use_l1 = use_l1
         losses = model.loss(outputs, targets)
-        assert sorted(losses) == sorted(expected)
-        for key, value in expected.items():
-            assert losses[key].shape == () and losses[key].item() == pytest.approx(value, rel=LOSS_REL), key
+        assert_same_losses(losses, expected)
     with torch.no_grad():
         out = model.eval()(images, image_size=targets["image_size"])
     assert all(0 < len(d["scores"]) <= yolox.TEST_CFG["max_candidates"] for d in fixture["detections"])

@@ -1,6 +1,5 @@
 """train_det.py and det.predict end to end on the synthetic COCO set: exact resume, torchrun, checkpoint formats,
 pictures, and (marked convergence) a detector that learns."""
-import gzip
 import json
 import random
 import re
@@ -11,6 +10,7 @@ import torch
 
 from common.checkpoint import load_checkpoint
 from det.models import build_model, to_our_names
+from tests.det_compare import load_mmdet_fixture
 from tests.scripts import run_and_signal, run_script
 
 # RetinaNet-R18 on a 96 px canvas (96 x 160): the smallest that keeps all five FPN levels, seconds per epoch
@@ -154,10 +154,8 @@ def test_backbone_trains_whole_without_weights_and_frozen_over_them(tmp_path, ca
 def test_mmdet_checkpoint_names_load():
     """An mmdet checkpoint ({"state_dict": ...}, mmdet's names: here SSDLite's, the one family with renames) loads
     strictly after `to_our_names`."""
-    from tests.mmpretrain_fixture import DATA
 
-    with gzip.open(DATA.parent / "mmdet_ssdlite_mobilenet_v2.json.gz", "rt") as f:
-        keys = json.load(f)["keys"]
+    keys = load_mmdet_fixture("ssdlite_mobilenet_v2")["keys"]
     mmdet = {"meta": {}, "state_dict": {k: torch.zeros(shape) for k, shape in keys}}
     model = build_model("ssdlite_mobilenet_v2")
     model.load_state_dict(to_our_names("ssdlite_mobilenet_v2", mmdet), strict=True)
