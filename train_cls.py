@@ -25,6 +25,7 @@ from cls.models.efficientnet import ADVPROP_MEAN, ADVPROP_STD
 from common import checkpoint as ckpt
 from common import cli
 from common.cli import HelpFormatter, add_runtime_args, setup_runtime
+from common.compile import graphs_compiled
 from common.device import autocast, grad_scaler
 from common.dist import all_reduce_sum, cleanup, print0, stop_if_not_finite
 from common.logger import elapsed, log_every, new_meters
@@ -259,7 +260,8 @@ def main(args: argparse.Namespace) -> None:
             print0(stopped_message(args, step))
             break
     else:
-        print0(f"done in {elapsed()}: best top-1 {best:.3f}; checkpoints in {args.output_dir}")
+        print0(f"done in {elapsed()}: best top-1 {best:.3f}; checkpoints in {args.output_dir}"
+               + (f"; torch.compile made {graphs_compiled()} graphs" if args.compile else ""))
     cleanup()
 
 

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from common import checkpoint as ckpt
 from common import cli
 from common.cli import HelpFormatter, add_runtime_args, setup_runtime
+from common.compile import graphs_compiled
 from common.device import autocast, grad_scaler
 from common.dist import all_gather_objects, cleanup, is_main_process, print0, stop_if_not_finite
 from common.logger import elapsed, log_every, new_meters
@@ -355,7 +356,8 @@ def main(args: argparse.Namespace) -> None:
             break
     else:
         print0(f"done in {elapsed()}: best {recipe['iou_type']} {recipe['metric']} {best:.3f}; "
-               f"checkpoints in {args.output_dir}")
+               f"checkpoints in {args.output_dir}" + (f"; torch.compile made {graphs_compiled()} graphs"
+                                                     if args.compile else ""))
     cleanup()
 
 

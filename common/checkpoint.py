@@ -199,7 +199,10 @@ def restore_training_state(
     except RuntimeError as e:  # e.g. another number of classes: torch lists every key, say it in one sentence
         raise SystemExit(f"error: cannot resume from {path}: its weights do not fit this model "
                          f"({str(e).splitlines()[-1].strip()[:200]})") from None
+    kernels = {k: v for k, v in optimizer.defaults.items() if k in ("fused", "foreach")}
     optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:  # this device's kernels, not those of the device that saved the state
+        group.update(kernels)
     scaler.load_state_dict(state["scaler"])
     if model_ema is not None and state["model_ema"] is not None:
         model_ema.load_state_dict(state["model_ema"])

@@ -78,6 +78,10 @@ def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
                    help="data-loader processes per device (default: its CPUs - 1, at most 8)")
     g.add_argument("--amp", action="store_true", help="mixed precision: fp16 + loss scaling on npu/cuda, bf16 on cpu")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on GPUs)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward, in training the whole step's (detection: network, "
+                        "assignment and loss), and the evaluation's: inductor on cpu/cuda, torchair on npu; one "
+                        "graph per input shape, each logged when compiled; checkpoints stay those of the eager model")
     g.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across devices")
     g.add_argument("--bind-cores", action="store_true",
                    help="ARM servers: pin each rank and its loader workers to its own CPU slice (dist_train_arm.sh)")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from common.compile import compile_model
 from common.dist import any_rank, average_norm_statistics, print0, stop_if_not_finite
 from common.logger import write_json
 from common.optim import apply_gradients, ema_model
@@ -15,8 +16,8 @@ from common.optim import apply_gradients, ema_model
 
 def wrap_model(model: nn.Module, args: argparse.Namespace, device: torch.device):
     """Move `model` to the device and wrap it as the runtime flags ask: SyncBatchNorm (npu/cuda only: torch has no
-    CPU kernel), DistributedDataParallel under torchrun, an EMA copy. Returns (model for the step, the unwrapped
-    model that checkpoints hold, the EMA model or None)."""
+    CPU kernel), an EMA copy, --compile (common/compile.py), DistributedDataParallel under torchrun. Returns (model
+    for the step, the unwrapped model that checkpoints hold, the EMA model or None)."""
     model.to(device, memory_format=args.memory_format)
     if args.sync_bn and args.world_size > 1:
         if device.type == "cpu":
@@ -24,9 +25,14 @@ def wrap_model(model: nn.Module, args: argparse.Namespace, device: torch.device)
         else:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     unwrapped = model
+    model_ema = ema_model(unwrapped, args.ema_decay, args.ema_gamma) if args.ema else None  # copied before compiling
+    if args.compile:  # in place: the module (and its state_dict names) stays the same, DDP wraps the compiled one
+        compile_model(unwrapped, device)
+        if model_ema is not None:
+            compile_model(model_ema.module, device)
     if args.world_size > 1:
         model = DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device.index])
-    return model, unwrapped, ema_model(unwrapped, args.ema_decay, args.ema_gamma) if args.ema else None
+    return model, unwrapped, model_ema
 
 
 def evaluate_and_log(evaluate: Callable[..., dict], model: nn.Module, model_ema: nn.Module | None,

@@ -1,32 +1,69 @@
-"""One detection training step, ours against torchvision's twin in the same run (where one exists), and the share of
-ours spent in target assignment + loss.
+"""One detection training step: ours eager, ours compiled, torchvision's twin (where one exists), against this
+machine's roofline and the data loader that feeds it, and the share of our step spent in target assignment + loss.
 
   python -m det.bench --model ssd300 --device cpu --batch-size 2
-  python -m det.bench --model retinanet_r50 --device cuda --batch-size 8 --img-size 800 --amp
-  python -m det.bench --model yolov3_d53 --img-size 320   (no twin: our step and its loss share)
+  python -m det.bench --model retinanet_r50 --device cuda --batch-size 8 --img-size 800 --amp --json
+  python -m det.bench --model all --no-compile       (every model of det.models.MODELS)
+  python -m det.bench --decode        (only: PIL's JPEG decode against torchvision.io.decode_jpeg)
 
 A step is forward, loss, backward and an SGD step on random images with `--num-gt` random objects each, on the
-model's canvas (SOLOv2: with each box's inscribed ellipse as its mask). "assignment + loss" is our loss function's
-forward and backward alone, on fixed head outputs. Peak memory is read after our first round, before the twin runs.
+model's canvas (SOLOv2: with each box's inscribed ellipse as its mask). Every measurement runs in a fresh child
+process, so peak memory (the device allocator's; on CPU the resident set) is our eager step's alone: our eager step,
+our step compiled (common.compile.compile_model on the whole training forward, (images, targets) -> losses: network,
+assignment and loss; the first, compiling step is timed apart as compile_s, then --warmup untimed steps), and the
+twin's, alternating for --repeats rounds so that machine noise hits each alike; the medians of --iters steps per
+child and then of the rounds are reported. "assignment + loss" is our loss function's forward and backward alone, on
+fixed head outputs, timed in our eager child.
 The twins: torchvision's ssd300_vgg16 (81 classes: the same network as mmdet's SSD300), retinanet_resnet50_fpn and
 fcos_resnet50_fpn, both built in mmdet's style (frozen BatchNorm, stem and layer1 frozen; RetinaNet's P6 comes from
 P5, so it is 4.1 M parameters lighter; FCOS's backbone is pytorch-style, its head has GN(16), centerness on the box
 tower, GIoU loss and centre sampling), all with their internal resize turned off, as the images are already on the
 canvas.
+
+FLOPs per step are those of the matmuls and convolutions of forward + backward, counted once with
+torch.utils.flop_counter.FlopCounterMode (its convolution-backward formula replaced: it counts grouped convolutions'
+weight gradients `groups` times). The roofline is the best GFLOP/s of a large matmul and a large 3x3
+convolution, measured once per run in the steps' precision. The loader is train_det.py's (det.data.build_datasets
+and build_loaders with the recipe's preset at --img-size, YOLOX's MosaicMixUpDataset, common.cli.default_workers()
+workers) over the synthetic set (96-192 px pictures: faster to read than COCO's) or --data-path, timed over
+--loader-batches batches after its first.
+
+--json prints one object per model per line, with the keys:
+  model, batch_size, img_size, canvas [H, W], num_gt, num_classes, device, amp, channels_last, iters, warmup,
+  repeats, loader_batches, data_path;
+  ours_eager_s, ours_compiled_s, twin_eager_s: seconds per step (null: not measured, or no twin);
+  compiled_vs_twin, eager_vs_twin: their ratios (< 1: ours is faster); compile_s, graphs: the first compiled step's
+  time beyond a timed one (inductor's on-disk cache can make it short), dynamo's graph count;
+  loss_share: assignment + loss seconds / our eager step;
+  peak_mem_mb (our eager step's), compiled_peak_mem_mb, twin_peak_mem_mb;
+  flops_per_step, gflops_per_s (of our eager step), compiled_gflops_per_s; roofline_gflops_per_s (the best of
+  roofline_matmul_gflops_per_s and roofline_conv_gflops_per_s), roofline_fraction, compiled_roofline_fraction;
+  loader_img_s, loader_workers, step_img_s (batch / our eager step);
+  errors: {measurement: the last line of its error}, only where one failed.
+Without --json: the same figures as a table, one row per model.
+
+--decode runs no model: it writes 32 JPEGs at 500 x 375 (ImageNet-like) and 640 x 480 (COCO-like) and prints the
+images/s of reading them as the data sets do (PIL open + common.images.to_rgb: pil_img_s; + pil_to_tensor, which
+follows: pil_tensor_img_s) and of torchvision.io.decode_jpeg(read_file(path)) (torchvision_img_s), each the median
+of 3 passes after 1.
 """
 import argparse
-import statistics
-import time
 
 import torch
 from torch import nn
 
-from common.device import autocast, grad_scaler, max_memory_mb, resolve_device, synchronize
+from common.bench import add_bench_args, bench_main, expand_models, loader_speed, measure_step, timed, train_step
+from common.cli import HelpFormatter, default_workers, positive_int
+from common.device import autocast, resolve_device
+from det import data
 from det.masks import center_of_mass, downsample_masks
 from det.models import MODELS, RECIPES, build_model
 from det.presets import get_preset
+from det.yolox_data import MosaicMixUpDataset
 
 TWINS = ("ssd300", "retinanet_r50", "fcos_r50")
+NOTES = ("targets: ours compiled <= 0.8x twin eager (comp/twin) or within 10 % of the roofline (comp roof % >= 90); "
+         "ours eager <= 1.0x twin (eager/twin); assignment + loss <= 5 % of our eager step (loss %)")
 
 
 def torchvision_twin(name: str, num_classes: int) -> nn.Module:
@@ -63,91 +100,83 @@ def random_batch(batch: int, height: int, width: int, num_gt: int, num_classes: 
     return images.to(device), {k: v.to(device) for k, v in targets.items()}
 
 
-def timed(fn, iters: int, warmup: int, device: torch.device) -> float:
-    """Median seconds of `fn()` over `iters` calls, after `warmup` untimed ones."""
-    times = []
-    for i in range(warmup + iters):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="ssd300", choices=MODELS)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--img-size", type=int, help="canvas (default: the recipe's; RetinaNet: the short side)")
-    p.add_argument("--num-gt", type=int, default=8, help="objects per image (padded targets hold exactly these)")
-    p.add_argument("--num-classes", type=int, default=80)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="alternating rounds of ours / torchvision")
-    p.add_argument("--amp", action="store_true")
-    args = p.parse_args()
-
-    device = resolve_device(args.device)
-    recipe = RECIPES[args.model]
-    preset = get_preset(recipe["preset"])
-    height, width = preset["canvas_size"](args.img_size or recipe["img_size"], True)
-    images, targets = random_batch(args.batch_size, height, width, args.num_gt, args.num_classes, device,
-                                   preset.get("mask_stride"))
-    tv_targets = [{"boxes": b, "labels": lab + (args.model == "ssd300")}  # SSD: label 0 is torchvision's background
-                  for b, lab in zip(targets["boxes"], targets["labels"], strict=True)]
-    torch.manual_seed(0)
-    ours = build_model(args.model, args.num_classes).to(device).train()
-    theirs = torchvision_twin(args.model, args.num_classes).to(device).train() if args.model in TWINS else None
-    scaler = grad_scaler(device, args.amp)
-
-    def step(model: nn.Module, optimizer: torch.optim.Optimizer, run) -> None:
-        with autocast(device, args.amp):
-            loss = sum(run().values())
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-    opt_ours = torch.optim.SGD([q for q in ours.parameters() if q.requires_grad], lr=1e-4, momentum=0.9)
-    opt_theirs = (None if theirs is None else
-                  torch.optim.SGD([q for q in theirs.parameters() if q.requires_grad], lr=1e-4, momentum=0.9))
-    with autocast(device, args.amp):
-        heads = ours.head_outputs(images)
+def loss_seconds(model: nn.Module, images: torch.Tensor, targets: dict, device: torch.device, amp: bool,
+                 iters: int, warmup: int) -> float:
+    """Median seconds of our assignment + loss, forward and backward, on fixed head outputs."""
+    with autocast(device, amp):
+        heads = model.head_outputs(images)
     for key, value in heads.items():  # the loss alone: leaves in place of the network's outputs
         if isinstance(value, torch.Tensor) and value.requires_grad:
             heads[key] = value.detach().float().requires_grad_()
+    return timed(lambda: sum(model.loss(heads, targets).values()).backward(), iters, warmup, device)
 
-    def loss_only() -> None:
-        sum(ours.loss(heads, targets).values()).backward()
 
-    runs = {"ours": [], "torchvision": [], "loss": []}
-    for repeat in range(args.repeats):
-        runs["ours"].append(timed(lambda: step(ours, opt_ours, lambda: ours(images, targets)), args.iters,
-                                  args.warmup, device))
-        if repeat == 0:  # before the twin has run a step
-            peak_mb = max_memory_mb(device)
-        if theirs is not None:
-            runs["torchvision"].append(timed(lambda: step(theirs, opt_theirs,
-                                                          lambda: theirs(list(images), tv_targets)),
-                                             args.iters, args.warmup, device))
-        runs["loss"].append(timed(loss_only, args.iters, args.warmup, device))
-    ours_s, loss_s = statistics.median(runs["ours"]), statistics.median(runs["loss"])
-    print(f"{args.model}  device {device}  batch {args.batch_size}  canvas {height}x{width}  {args.num_gt} objects "
-          f"per image  amp {args.amp}  (median of {args.repeats} rounds x {args.iters} steps)")
-    print(f"  ours         step {ours_s:8.4f} s  (network forward/backward {ours_s - loss_s:.4f} s, "
-          f"assignment + loss {loss_s:.4f} s)")
-    where = "the device allocator's"
-    if device.type == "cpu":
-        where = "the process's resident set" + (", with the twin's weights" if theirs is not None else "")
-    print(f"  ours         peak memory {peak_mb:.0f} MB after our first round ({where})")
-    if theirs is not None:
-        tv_s = statistics.median(runs["torchvision"])
-        print(f"  torchvision  step {tv_s:8.4f} s")
-        print(f"  ratio ours/torchvision step: {ours_s / tv_s:.3f} (target <= 1.0)")
-    print(f"  assignment + loss: {100 * loss_s / ours_s:.1f} % of our step (target <= 5 %)")
+def measure_loader(model: str, img_size: int, batch_size: int, loader_batches: int, data_path: str | None,
+                   device: torch.device) -> dict:
+    """Images/s of train_det.py's training loader (synthetic set, or COCO at `data_path`)."""
+    preset, pictures = RECIPES[model]["preset"], max(64, batch_size * (loader_batches + 1))  # enough for the batches
+    train, val = data.build_datasets(data_path, preset, img_size, synthetic_train=pictures, synthetic_val=16)
+    if preset == "yolox":  # as train_det.py: mmdet's MultiImageMixDataset
+        train = MosaicMixUpDataset(train, img_size)
+    loader, _ = data.build_loaders(train, val, preset=preset, img_size=img_size, batch_size=batch_size,
+                                   workers=default_workers(), rank=0, world_size=1, seed=0, max_gt=None,
+                                   pin_memory=device.type != "cpu")
+    return {"img_s": loader_speed(loader, loader_batches), "workers": default_workers()}
+
+
+def measure(kind: str, model: str, device_name: str, batch_size: int, img_size: int, canvas: list[int], num_gt: int,
+            num_classes: int, iters: int, warmup: int, amp: bool, channels_last: bool, loader_batches: int,
+            data_path: str | None, flops: bool) -> dict:
+    """One child's measurement: kind "ours" (also its assignment + loss), "compiled", "twin" (see
+    common.bench.measure_step) or "loader"."""
+    device = resolve_device(device_name)
+    if kind == "loader":
+        return measure_loader(model, img_size, batch_size, loader_batches, data_path, device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    images, targets = random_batch(batch_size, *canvas, num_gt, num_classes, device,
+                                   get_preset(RECIPES[model]["preset"]).get("mask_stride"))
+    images = images.contiguous(memory_format=fmt)
+    torch.manual_seed(0)
+    if kind == "twin":
+        net = torchvision_twin(model, num_classes).to(device, memory_format=fmt).train()
+        tv_targets = [{"boxes": b, "labels": lab + (model == "ssd300")}  # SSD: label 0 is torchvision's background
+                      for b, lab in zip(targets["boxes"], targets["labels"], strict=True)]
+        step = train_step(net, lambda: sum(net(list(images), tv_targets).values()), device, amp, lr=1e-4)
+    else:
+        net = build_model(model, num_classes).to(device, memory_format=fmt).train()
+        step = train_step(net, lambda: sum(net(images, targets).values()), device, amp, lr=1e-4)
+    out = measure_step(kind, net, step, device, iters=iters, warmup=warmup, flops=flops)
+    if kind == "ours":
+        out["loss_s"] = loss_seconds(net, images, targets, device, amp, iters, warmup)
+    return out
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", nargs="+", default=["ssd300"], choices=[*MODELS, "all"], metavar="MODEL",
+                   help="one or more of: " + ", ".join(MODELS) + "; or all")
+    p.add_argument("--img-size", type=positive_int, help="canvas (default: the recipe's; RetinaNet: the short side)")
+    p.add_argument("--num-gt", type=positive_int, default=8,
+                   help="objects per image (padded targets hold exactly these)")
+    p.add_argument("--num-classes", type=positive_int, default=80, help="COCO's")
+    p.add_argument("--data-path", help="a COCO folder whose training loader is timed (default: the synthetic set)")
+    add_bench_args(p, batch_size=2)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+
+    def settings_of(model: str) -> dict:
+        recipe = RECIPES[model]
+        img_size = args.img_size or recipe["img_size"]
+        return dict(model=model, device_name=args.device, batch_size=args.batch_size, img_size=img_size,
+                    canvas=get_preset(recipe["preset"])["canvas_size"](img_size, True), num_gt=args.num_gt,
+                    num_classes=args.num_classes, iters=args.iters, warmup=args.warmup, amp=args.amp,
+                    channels_last=args.channels_last, loader_batches=args.loader_batches, data_path=args.data_path)
+
+    bench_main("det.bench", args, expand_models(args.model, tuple(MODELS)), settings_of, lambda m: m in TWINS,
+               measure, NOTES)
 
 
 if __name__ == "__main__":

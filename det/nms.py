@@ -8,6 +8,7 @@ Here every step is a dense tensor op over a fixed number of candidates, and resu
 """
 import torch
 from torch import Tensor
+from torch._higher_order_ops import while_loop
 
 from det.boxes import box_area, box_iou, clip_boxes
 
@@ -45,6 +46,32 @@ def topk_candidates(
     return tuple(torch.cat(parts, dim=1) for parts in zip(*out, strict=True))
 
 
+def cluster_nms_keep(suppresses: Tensor, valid: Tensor) -> Tensor:
+    """Greedy NMS's survivors, as Cluster-NMS finds them (Zheng et al. 2021, "Enhancing Geometric Factors in Model
+    Learning and Inference", sec. 4). suppresses [B, K, K] bool: [j, i] where j ranks above i and would suppress it;
+    valid [B, K]. Survivors satisfy keep_i = valid_i & not any_j(suppresses_ji & keep_j).
+
+    Iterate that rule from "all valid survive". After pass t the first t boxes in rank order hold their final value
+    (box 1 has no box above it; box t depends only on boxes above it, final after pass t - 1), so the greedy result
+    is reached after at most K passes and is then a fixed point; the loop stops at the first pass that changes
+    nothing, usually after a few. Traced (torch.compile, torch.export) the loop is a `while_loop`, a higher-order op:
+    one graph with fullgraph=True, and an ONNX `Loop`. Eager it is a Python loop over the same pass (an eager
+    while_loop would compile itself for every new shape, ~3 s each). Returns keep [B, K] bool.
+    """
+    def changed(keep: Tensor, previous: Tensor) -> Tensor:
+        return (keep != previous).any()
+
+    def one_pass(keep: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+        return valid & ~(suppresses & keep[:, :, None]).any(dim=1), keep.clone()  # [B, K]
+
+    state = (valid & ~(suppresses & valid[:, :, None]).any(dim=1), valid.clone())  # after one pass, and before it
+    if torch.compiler.is_compiling():
+        return while_loop(changed, one_pass, state)[0]
+    while changed(*state):
+        state = one_pass(*state)
+    return state[0]
+
+
 def batched_nms(
     boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor, *, iou_thr: float, max_det: int,
     max_candidates: int = 1000,
@@ -54,11 +81,9 @@ def batched_nms(
     RetinaNet); the cap only matters when more than `max_candidates` pass the score threshold, and it keeps the
     [B, K, K] overlap matrix small enough for CPUs.
 
-    Cluster-NMS (Zheng et al. 2021, "Enhancing Geometric Factors in Model Learning and Inference", sec. 4): sort
-    by score; box i survives iff no *surviving* higher-scored box of its class overlaps it by more than iou_thr.
-    Iterating that rule from "all survive" fixes one more box per pass at least, and its only fixed point is the
-    greedy result, so the loop ends exactly there, usually after a few passes (bounded by the candidate count).
-    Inputs [B, K, ...]; outputs [B, max_det, ...] sorted by score, padding rows marked invalid.
+    Sorted by score, box i survives iff no *surviving* higher-scored box of its class overlaps it by more than
+    iou_thr: `cluster_nms_keep` solves that rule exactly. Inputs [B, K, ...]; outputs [B, max_det, ...] sorted by
+    score, padding rows marked invalid.
     """
     order = scores.masked_fill(~valid, float("-inf")).argsort(dim=1, descending=True)[:, :max_candidates]  # [B, K]
     boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
@@ -66,12 +91,7 @@ def batched_nms(
     k = scores.shape[1]
     higher = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(diagonal=1)  # [j, i]: j ranks above i
     suppresses = (box_iou(boxes, boxes) > iou_thr) & (labels[:, :, None] == labels[:, None, :]) & higher
-    keep = valid
-    for _ in range(k):
-        new_keep = valid & ~(suppresses & keep[:, :, None]).any(dim=1)  # [B, K]
-        if torch.equal(new_keep, keep):
-            break
-        keep = new_keep
+    keep = cluster_nms_keep(suppresses, valid)
     boxes, scores, labels, keep = pad_detections(max_det, boxes, scores, labels, keep)
     top, index = scores.masked_fill(~keep, float("-inf")).topk(max_det, dim=1)
     return (boxes.gather(1, index[..., None].expand(-1, -1, 4)), top.masked_fill(top == float("-inf"), 0.0),

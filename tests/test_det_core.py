@@ -1,6 +1,7 @@
 """det/ core: boxes, anchors (against recorded mmdet anchors), the batched assigner and hard-negative mining
 (against per-image loop references written after mmdet's code), NMS (against torchvision), and compilation."""
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,28 @@ def test_nms_equals_torchvision(seed):
         assert torch.equal(out_boxes[b][out_valid[b]], boxes[b][valid[b]][keep])
         assert torch.equal(out_labels[b][out_valid[b]], labels[b][valid[b]][keep])
     assert not out_valid[2].any()
+
+
+def test_nms_chain_needs_many_passes_and_is_one_graph():
+    """A chain of 40 boxes, each overlapping the next by IoU 0.6: greedy NMS keeps every other box, which takes
+    Cluster-NMS's loop 20 passes; compiled as one graph (no host sync, the stop is a while_loop) it gives the same
+    boxes as torchvision's NMS, and so do random batches."""
+    x = torch.arange(40.0) * 2.5  # width 10, shift 2.5: IoU 7.5 / 12.5 = 0.6 with the next, 0.33 with the second
+    boxes = torch.stack([x, torch.zeros(40), x + 10, torch.full((40,), 10.0)], -1)[None]  # [1, 40, 4]
+    scores = torch.linspace(1, 0.5, 40)[None]
+    labels, valid = torch.zeros(1, 40, dtype=torch.long), torch.ones(1, 40, dtype=torch.bool)
+    g = torch.Generator().manual_seed(3)
+    random = (random_boxes(g, (2, 200), canvas=100), torch.rand(2, 200, generator=g),
+              torch.randint(0, 3, (2, 200), generator=g), torch.rand(2, 200, generator=g) > 0.2)
+    assert_no_near_ties(*random[:3], 0.5)
+    for b_boxes, b_scores, b_labels, b_valid in ((boxes, scores, labels, valid), random):
+        out = compiled_outputs(partial(batched_nms, iou_thr=0.5, max_det=50), b_boxes, b_scores, b_labels, b_valid)
+        for b in range(len(b_boxes)):
+            v = b_valid[b]
+            keep = torchvision.ops.batched_nms(b_boxes[b][v], b_scores[b][v], b_labels[b][v], 0.5)[:50]
+            assert torch.equal(out[0][b][out[3][b]], b_boxes[b][v][keep])
+            if b_boxes is boxes:
+                assert len(keep) == 20
 
 
 def test_nms_over_the_top_candidates():

@@ -173,7 +173,8 @@ def test_bench_runs_a_model_without_twin(monkeypatch, capsys):
     """det.bench times our step and its assignment + loss share for a detector torchvision has no twin of."""
     from det import bench
     monkeypatch.setattr("sys.argv", ["bench", "--model", "yolov3_d53", "--img-size", "64", "--iters", "1",
-                                     "--warmup", "0", "--repeats", "1", "--num-classes", "3"])
+                                     "--warmup", "0", "--repeats", "1", "--num-classes", "3", "--no-compile",
+                                     "--no-loader"])
     bench.main()
     out = capsys.readouterr().out
     assert "yolov3_d53" in out and "assignment + loss" in out and "torchvision" not in out
