@@ -13,29 +13,14 @@ cls.models.TORCHVISION_TWINS), alternating for --repeats rounds so that machine 
 --iters steps per child and then of the rounds are reported. `--model all` is the 12 seed classifiers and
 efficientnet_b0; any name of cls.models.MODELS works.
 
-FLOPs per step are those of the matmuls and convolutions of forward + backward, counted once with
-torch.utils.flop_counter.FlopCounterMode (its convolution-backward formula replaced: it counts grouped convolutions'
-weight gradients `groups` times). The roofline is the best GFLOP/s of a large matmul and a large 3x3
-convolution, measured once per run in the steps' precision. The loader is train_cls.py's for --data-path (ImageFolder,
+The loader is train_cls.py's for --data-path (ImageFolder,
 the recipe's training transforms, common.cli.default_workers() workers) over a temporary folder of 500 x 375 JPEGs
 (or --data-path), timed over --loader-batches batches after its first.
 
 --json prints one object per model per line, with the keys:
   model, batch_size, image_size, device, amp, channels_last, iters, warmup, repeats, loader_batches, data_path;
-  ours_eager_s, ours_compiled_s, twin_eager_s: seconds per step (null: not measured, or no twin);
-  compiled_vs_twin, eager_vs_twin: their ratios (< 1: ours is faster); compile_s, graphs: the first compiled step's
-  time beyond a timed one (inductor's on-disk cache can make it short), dynamo's graph count;
-  peak_mem_mb (our eager step's), compiled_peak_mem_mb, twin_peak_mem_mb;
-  flops_per_step, gflops_per_s (of our eager step), compiled_gflops_per_s; roofline_gflops_per_s (the best of
-  roofline_matmul_gflops_per_s and roofline_conv_gflops_per_s), roofline_fraction, compiled_roofline_fraction;
   loader_img_s, loader_workers, step_img_s (batch / our eager step); loss_share: null (det.bench's);
-  errors: {measurement: the last line of its error}, only where one failed.
-Without --json: the same figures as a table, one row per model.
-
---decode runs no model: it writes 32 JPEGs at 500 x 375 (ImageNet-like) and 640 x 480 (COCO-like) and prints the
-images/s of reading them as the data sets do (PIL open + common.images.to_rgb: pil_img_s; + pil_to_tensor, which
-follows: pil_tensor_img_s) and of torchvision.io.decode_jpeg(read_file(path)) (torchvision_img_s), each the median
-of 3 passes after 1.
+  (and those every bench row has: see below)
 """
 import argparse
 import tempfile
@@ -47,7 +32,16 @@ from torch import nn
 
 from cls import data
 from cls.models import MODELS, TORCHVISION_TWINS, build_model
-from common.bench import add_bench_args, bench_main, expand_models, loader_speed, measure_step, train_step, write_jpegs
+from common.bench import (
+    SHARED_HELP,
+    add_bench_args,
+    bench_main,
+    expand_models,
+    loader_speed,
+    measure_step,
+    train_step,
+    write_jpegs,
+)
 from common.cli import HelpFormatter, default_workers, positive_int
 from common.device import resolve_device
 
@@ -94,7 +88,7 @@ def measure(kind: str, model: str, device_name: str, batch_size: int, image_size
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__ + SHARED_HELP, formatter_class=HelpFormatter)
     p.add_argument("--model", "--arch", nargs="+", default=["resnet50"], choices=[*MODELS, "all"], metavar="MODEL",
                    help="one or more of cls.models.MODELS, or all: " + ", ".join(SEED_MODELS))
     p.add_argument("--image-size", type=positive_int,

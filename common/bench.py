@@ -25,6 +25,28 @@ from common.device import autocast, grad_scaler, max_memory_mb, resolve_device, 
 from common.images import to_rgb
 from common.synthetic import class_color, draw_polygon, shape_polygon, textured_background
 
+# the end of both benches' --help: what every row holds and how it is counted
+SHARED_HELP = """
+Every row also has:
+  ours_eager_s, ours_compiled_s, twin_eager_s: seconds per step (null: not measured, or no twin);
+  compiled_vs_twin, eager_vs_twin: their ratios (< 1: ours is faster); compile_s, graphs: the first compiled step's
+  time beyond a timed one (inductor's on-disk cache can make it short), dynamo's graph count;
+  peak_mem_mb (our eager step's), compiled_peak_mem_mb, twin_peak_mem_mb;
+  flops_per_step, gflops_per_s (of our eager step), compiled_gflops_per_s; roofline_gflops_per_s (the best of
+  roofline_matmul_gflops_per_s and roofline_conv_gflops_per_s), roofline_fraction, compiled_roofline_fraction;
+  errors: {measurement: the last line of its error}, only where one failed.
+Without --json: the same figures as a table, one row per model.
+
+--decode runs no model: it writes 32 JPEGs at 500 x 375 (ImageNet-like) and 640 x 480 (COCO-like) and prints the
+images/s of reading them as the data sets do (PIL open + common.images.to_rgb: pil_img_s; + pil_to_tensor, which
+follows: pil_tensor_img_s) and of torchvision.io.decode_jpeg(read_file(path)) (torchvision_img_s), each the median
+of 3 passes after 1.
+
+FLOPs per step are those of the matmuls and convolutions of forward + backward, counted once with
+torch.utils.flop_counter.FlopCounterMode (its convolution-backward formula replaced: it counts grouped convolutions'
+weight gradients `groups` times). The roofline is the best GFLOP/s of a large matmul and a large 3x3
+convolution, measured once per run in the steps' precision.
+"""
 ROOT = Path(__file__).resolve().parents[1]  # children run `python -m <module>` from here
 DECODE_SIZES = ((500, 375), (640, 480))  # (width, height): ImageNet's typical picture, COCO's
 DECODE_IMAGES = 32  # per size; each reader decodes them all 4 times, the median of the last 3 counts

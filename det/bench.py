@@ -20,10 +20,7 @@ P5, so it is 4.1 M parameters lighter; FCOS's backbone is pytorch-style, its hea
 tower, GIoU loss and centre sampling), all with their internal resize turned off, as the images are already on the
 canvas.
 
-FLOPs per step are those of the matmuls and convolutions of forward + backward, counted once with
-torch.utils.flop_counter.FlopCounterMode (its convolution-backward formula replaced: it counts grouped convolutions'
-weight gradients `groups` times). The roofline is the best GFLOP/s of a large matmul and a large 3x3
-convolution, measured once per run in the steps' precision. The loader is train_det.py's (det.data.build_datasets
+The loader is train_det.py's (det.data.build_datasets
 and build_loaders with the recipe's preset at --img-size, YOLOX's MosaicMixUpDataset, common.cli.default_workers()
 workers) over the synthetic set (96-192 px pictures: faster to read than COCO's) or --data-path, timed over
 --loader-batches batches after its first.
@@ -31,28 +28,25 @@ workers) over the synthetic set (96-192 px pictures: faster to read than COCO's)
 --json prints one object per model per line, with the keys:
   model, batch_size, img_size, canvas [H, W], num_gt, num_classes, device, amp, channels_last, iters, warmup,
   repeats, loader_batches, data_path;
-  ours_eager_s, ours_compiled_s, twin_eager_s: seconds per step (null: not measured, or no twin);
-  compiled_vs_twin, eager_vs_twin: their ratios (< 1: ours is faster); compile_s, graphs: the first compiled step's
-  time beyond a timed one (inductor's on-disk cache can make it short), dynamo's graph count;
   loss_share: assignment + loss seconds / our eager step;
-  peak_mem_mb (our eager step's), compiled_peak_mem_mb, twin_peak_mem_mb;
-  flops_per_step, gflops_per_s (of our eager step), compiled_gflops_per_s; roofline_gflops_per_s (the best of
-  roofline_matmul_gflops_per_s and roofline_conv_gflops_per_s), roofline_fraction, compiled_roofline_fraction;
   loader_img_s, loader_workers, step_img_s (batch / our eager step);
-  errors: {measurement: the last line of its error}, only where one failed.
-Without --json: the same figures as a table, one row per model.
-
---decode runs no model: it writes 32 JPEGs at 500 x 375 (ImageNet-like) and 640 x 480 (COCO-like) and prints the
-images/s of reading them as the data sets do (PIL open + common.images.to_rgb: pil_img_s; + pil_to_tensor, which
-follows: pil_tensor_img_s) and of torchvision.io.decode_jpeg(read_file(path)) (torchvision_img_s), each the median
-of 3 passes after 1.
+  (and those every bench row has: see below)
 """
 import argparse
 
 import torch
 from torch import nn
 
-from common.bench import add_bench_args, bench_main, expand_models, loader_speed, measure_step, timed, train_step
+from common.bench import (
+    SHARED_HELP,
+    add_bench_args,
+    bench_main,
+    expand_models,
+    loader_speed,
+    measure_step,
+    timed,
+    train_step,
+)
 from common.cli import HelpFormatter, default_workers, positive_int
 from common.device import autocast, resolve_device
 from det import data
@@ -152,7 +146,7 @@ def measure(kind: str, model: str, device_name: str, batch_size: int, img_size: 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__ + SHARED_HELP, formatter_class=HelpFormatter)
     p.add_argument("--model", nargs="+", default=["ssd300"], choices=[*MODELS, "all"], metavar="MODEL",
                    help="one or more of: " + ", ".join(MODELS) + "; or all")
     p.add_argument("--img-size", type=positive_int, help="canvas (default: the recipe's; RetinaNet: the short side)")
