@@ -25,7 +25,7 @@ from cls.models.efficientnet import ADVPROP_MEAN, ADVPROP_STD
 from common import checkpoint as ckpt
 from common import cli
 from common.cli import HelpFormatter, add_runtime_args, setup_runtime
-from common.compile import graphs_compiled
+from common.compile import full_batch, graphs_compiled
 from common.device import autocast, grad_scaler
 from common.dist import all_reduce_sum, cleanup, print0, stop_if_not_finite
 from common.logger import elapsed, log_every, new_meters
@@ -151,8 +151,10 @@ def evaluate(model, loader, device, args, header: str = "Test") -> dict[str, flo
         images, targets = batch
         images = images.to(device, non_blocking=True, memory_format=args.memory_format)
         targets = targets.to(device, non_blocking=True)
+        if args.compile:  # the full batch's graph, not one more for the last batch
+            images = full_batch(images, args.batch_size)
         with autocast(device, args.amp):
-            logits = model(images).float()
+            logits = model(images).float()[:len(targets)]
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]  # [B, 5]
         loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
         n = torch.tensor(len(targets), device=device)

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from common import checkpoint as ckpt
 from common import cli
 from common.cli import HelpFormatter, add_runtime_args, setup_runtime
-from common.compile import graphs_compiled
+from common.compile import full_batch, graphs_compiled
 from common.device import autocast, grad_scaler
 from common.dist import all_gather_objects, cleanup, is_main_process, print0, stop_if_not_finite
 from common.logger import elapsed, log_every, new_meters
@@ -226,9 +226,12 @@ def evaluate(model, loader, device, args, header: str = "Test") -> dict[str, flo
                         images_per_iter=args.batch_size * args.world_size)
     for images, targets, metas in batches:
         images = images.to(device, non_blocking=True).contiguous(memory_format=args.memory_format)
+        image_size, n = targets["image_size"].to(device), len(images)
+        if args.compile:  # the full batch's graph, not one more for each orientation's last batch
+            images, image_size = full_batch(images, args.batch_size), full_batch(image_size, args.batch_size)
         with autocast(device, args.amp):
-            out = model(images, image_size=targets["image_size"].to(device))
-        out = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
+            out = model(images, image_size=image_size)
+        out = {k: (v.float() if v.is_floating_point() else v)[:n].cpu() for k, v in out.items()}
         results += to_coco_results(out["boxes"], out["scores"], out["labels"], out["valid"], metas,
                                    dataset.label_to_cat, out.get("masks"), targets["image_size"])
     results = [r for part in all_gather_objects(results) for r in part]

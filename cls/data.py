@@ -2,13 +2,12 @@
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 
 from cls.models.efficientnet import INPUT_SIZES
-from common.images import to_rgb
+from common.images import read_rgb
 from common.sampling import ResumableBatches, SeededDataset
 from common.synthetic import classification_image
 
@@ -88,7 +87,7 @@ class SyntheticShapes(Dataset):
 
 
 class CheckedImageFolder(datasets.ImageFolder):
-    """ImageFolder whose errors name the path, with an opt-in to skip unreadable images, read through `to_rgb`.
+    """ImageFolder whose errors name the path, with an opt-in to skip unreadable images, read by `read_rgb`.
 
     With `skip_bad`, an unreadable image is counted in `self.skipped`, a shared-memory tensor with one slot per
     loader worker (no cross-process races; `skipped_images` sums it), and then
@@ -111,8 +110,7 @@ class CheckedImageFolder(datasets.ImageFolder):
         for offset in range(len(self.samples)):
             path, target = self.samples[(index + offset) % len(self.samples)]
             try:
-                with Image.open(path) as f:
-                    image = to_rgb(f)
+                image = read_rgb(path)  # uint8 [3, H, W]; JPEGs by torchvision.io.decode_jpeg
             except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for corrupt or truncated files
                 if not self.skip_bad:
                     raise RuntimeError(f"cannot read image {path}: {e} (use --skip-bad-images to skip)") from e

@@ -22,7 +22,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from common.cli import device_name, non_negative_int, positive_int
 from common.compile import compile_model, graphs_compiled
 from common.device import autocast, grad_scaler, max_memory_mb, resolve_device, synchronize
-from common.images import to_rgb
+from common.images import read_rgb, to_rgb
 from common.synthetic import class_color, draw_polygon, shape_polygon, textured_background
 
 # the end of both benches' --help: what every row holds and how it is counted
@@ -38,9 +38,9 @@ Every row also has:
 Without --json: the same figures as a table, one row per model.
 
 --decode runs no model: it writes 32 JPEGs at 500 x 375 (ImageNet-like) and 640 x 480 (COCO-like) and prints the
-images/s of reading them as the data sets do (PIL open + common.images.to_rgb: pil_img_s; + pil_to_tensor, which
-follows: pil_tensor_img_s) and of torchvision.io.decode_jpeg(read_file(path)) (torchvision_img_s), each the median
-of 3 passes after 1.
+images/s of reading them with PIL (PIL open + common.images.to_rgb: pil_img_s; + pil_to_tensor: pil_tensor_img_s),
+with torchvision.io.decode_jpeg(read_file(path)) (torchvision_img_s) and as the data sets do (common.images.read_rgb,
+decode_jpeg with PIL for what it cannot read: read_rgb_img_s), each the median of 3 passes after 1.
 
 FLOPs per step are those of the matmuls and convolutions of forward + backward, counted once with
 torch.utils.flop_counter.FlopCounterMode (its convolution-backward formula replaced: it counts grouped convolutions'
@@ -187,9 +187,9 @@ def write_jpegs(folder: Path, count: int, width: int, height: int) -> list[Path]
     return sorted(folder.glob("*.jpg"))
 
 
-DECODERS = {  # a JPEG's path -> its picture: as the data sets read it (then pil_to_tensor, their first step), or not
+DECODERS = {  # a JPEG's path -> its picture: PIL's way (then pil_to_tensor), torchvision's, the data sets' read_rgb
     "pil": lambda path: to_rgb(Image.open(path)), "pil_tensor": lambda path: pil_to_tensor(to_rgb(Image.open(path))),
-    "torchvision": lambda path: decode_jpeg(read_file(str(path))),
+    "torchvision": lambda path: decode_jpeg(read_file(str(path))), "read_rgb": read_rgb,
 }
 
 
@@ -199,7 +199,7 @@ def decode_rate(read: Callable[[Path], object], paths: list[Path]) -> float:
 
 def decode_speed() -> list[dict]:
     """Images/s of DECODERS on the same JPEGs, at each of DECODE_SIZES; the data sets (cls/data.py, det/data.py's
-    read_image) read with PIL and to_rgb, and pil_to_tensor is what follows."""
+    read_image) read with common.images.read_rgb, which is decode_jpeg for these files."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for width, height in DECODE_SIZES:
@@ -292,7 +292,8 @@ def print_decode(as_json: bool) -> None:
         print(json.dumps(row) if as_json else
               f"JPEG {row['decode']} ({row['kb_per_image']:.0f} kB): PIL {row['pil_img_s']:.0f} img/s, PIL + "
               f"pil_to_tensor {row['pil_tensor_img_s']:.0f}, torchvision.io.decode_jpeg {row['torchvision_img_s']:.0f} "
-              f"({row['torchvision_vs_pil_tensor']:.2f}x PIL + pil_to_tensor)")
+              f"({row['torchvision_vs_pil_tensor']:.2f}x PIL + pil_to_tensor), the data sets' read_rgb "
+              f"{row['read_rgb_img_s']:.0f}")
 
 
 def bench_main(module: str, args: argparse.Namespace, models: list[str], settings_of: Callable[[str], dict],

@@ -67,6 +67,19 @@ def compile_model(model: nn.Module, device: torch.device, *, recompile_limit: in
     return True
 
 
+def full_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """`tensor` [n, ...] with its first row repeated up to [batch_size, ...] (unchanged when n >= batch_size): a
+    compiled model's last, smaller evaluation batch (or one that lost unreadable images) then runs in the full
+    batch's graph instead of compiling one of its own. In eval mode every image's output depends on itself alone, so
+    the caller keeps the first n outputs."""
+    missing = batch_size - tensor.shape[0]
+    if missing <= 0:
+        return tensor
+    full = torch.cat([tensor, tensor[:1].expand(missing, *tensor.shape[1:])])
+    nhwc = tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+    return full.contiguous(memory_format=torch.channels_last) if nhwc else full  # the graph's strides, kept
+
+
 def graphs_compiled() -> int:
     """How many graphs compile_model's models have compiled in this process so far."""
     return len(_GRAPHS)

@@ -32,14 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
-from torchvision.transforms.v2 import functional as F
 
 from common.dist import barrier, is_main_process, print0
-from common.images import to_rgb
+from common.images import read_rgb
 from common.sampling import ResumableBatches, SeededDataset, item_seed
 from det.masks import center_of_mass, check_segmentation, decode_segmentation, downsample_masks
 from det.presets import get_preset
@@ -90,18 +88,17 @@ def load_coco(ann_file: Path) -> COCO:
 
 
 def read_image(path: Path, width: int, height: int) -> tv_tensors.Image:
-    """uint8 [3, H, W] (any file mode, through `common.images.to_rgb`); errors name the file. No EXIF rotation: COCO's
-    boxes refer to the stored pixels."""
+    """uint8 [3, H, W] (any file mode, through `common.images.read_rgb`: JPEGs by torchvision.io.decode_jpeg); errors
+    name the file. No EXIF rotation: COCO's boxes refer to the stored pixels."""
     try:
-        with Image.open(path) as f:
-            image = to_rgb(f)  # 16-bit grayscale scaled, not clipped white
+        image = read_rgb(path)  # 16-bit grayscale scaled, not clipped white
     except FileNotFoundError:
         raise FileNotFoundError(f"image file {path} does not exist") from None
     except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for corrupt or truncated files
         raise RuntimeError(f"cannot read image {path}: {e}") from e
-    if image.size != (width, height):
-        raise ValueError(f"image {path} is {image.size[0]}x{image.size[1]} but its annotation says {width}x{height}")
-    return tv_tensors.Image(F.pil_to_tensor(image))
+    if image.shape[1:] != (height, width):
+        raise ValueError(f"image {path} is {image.shape[2]}x{image.shape[1]} but its annotation says {width}x{height}")
+    return tv_tensors.Image(image)
 
 
 class CocoDetection(Dataset):

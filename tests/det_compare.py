@@ -1,5 +1,5 @@
-"""Detections compared as sets, portably across CPUs (`assert_same_detections`), and the batch every mmdet fixture
-was recorded on (`fixture_batch`).
+"""Detections compared as sets, portably across CPUs (`assert_same_detections`), the batch every mmdet fixture
+was recorded on (`fixture_batch`), and random detectors made to detect (`decisive`).
 
 The mmdet fixtures were recorded on one CPU. On another (AVX2 instead of AVX-512, another thread count) the float32
 sums inside every conv and reduction run in another order, so logits and deltas differ in their last bits (~1e-6
@@ -17,10 +17,11 @@ at the `max_det` cut. A position-by-position comparison fails on both; the model
 """
 import gzip
 import json
+import re
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 DATA = Path(__file__).parent / "data"
 
@@ -183,3 +184,30 @@ def losses_on_two_ranks(tmp_path, make_batch, loss_fn, shared: tuple[str, ...]) 
     torch.multiprocessing.spawn(_rank_losses, nprocs=2, args=(2, str(tmp_path / "init"), str(tmp_path / "losses"),
                                                              make_batch, loss_fn, shared))
     return whole, [torch.load(tmp_path / f"losses.{r}") for r in range(2)]
+
+
+# the convs that give each head's class (and objectness) logits: RetinaNet, FCOS and SOLOv2 (conv_cls), YOLOX (per
+# level), YOLOv3 (box, objectness and classes in one), SSD and SSDLite (per level; SSDLite's last of two), CenterNet
+HEAD_LOGITS = re.compile(r"(retina_cls|conv_cls|conv_(cls|obj)\.\d|convs_pred\.\d|cls_convs\.\d+\.\d|heatmap_head\.2)$")
+
+
+def decisive(model: nn.Module, images: torch.Tensor) -> None:
+    """Rescale every head's logits conv so that its outputs on `images` spread as N(2, 1): detections pass the score
+    thresholds and their scores lie far apart. Random heads score every location almost alike (or saturate at 1),
+    and near-equal scores are ranked, suppressed and peak-picked by float rounding, which ONNX Runtime's kernels
+    round otherwise."""
+    convs = [m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and HEAD_LOGITS.search(name)]
+    assert convs, "no head logits found"
+    seen = {}
+
+    def record(conv: nn.Conv2d, _, out: torch.Tensor) -> None:  # a head shared over the levels: by its first
+        seen.setdefault(conv, (out.mean(), out.std()))
+
+    hooks = [conv.register_forward_hook(record) for conv in convs]
+    with torch.no_grad():
+        model.head_outputs(images)  # every family's network without its decoding: the NMS would only cost time
+        for hook in hooks:
+            hook.remove()
+        for conv, (mean, std) in seen.items():
+            conv.weight /= std
+            conv.bias.sub_(mean).div_(std).add_(2.0)

@@ -72,7 +72,10 @@ def test_roofline_is_positive():
                                                 roof["roofline_conv_gflops_per_s"]) > 0
 
 
-def test_compiled_measurement_counts_graphs():
+def test_compiled_measurement_counts_graphs(monkeypatch):
+    import common.compile  # aot_eager: dynamo's graph without inductor's code generation (tests/test_compile.py's)
+
+    monkeypatch.setattr(common.compile, "graph_backend", lambda device: torch._dynamo.lookup_backend("aot_eager"))
     model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(4, 8)
     step = bench.train_step(model, lambda: model(x).sum(), torch.device("cpu"), amp=False, lr=0.01)
     out = bench.measure_step("compiled", model, step, torch.device("cpu"), iters=2, warmup=1, flops=False)
@@ -87,7 +90,7 @@ def test_loader_and_decode_speeds(monkeypatch):
     monkeypatch.setattr(bench, "DECODE_IMAGES", 2)
     rows = bench.decode_speed()
     assert [r["decode"] for r in rows] == ["500x375", "640x480"]
-    assert all(r["pil_img_s"] > 0 and r["torchvision_img_s"] > 0 for r in rows)
+    assert all(r["pil_img_s"] > 0 and r["torchvision_img_s"] > 0 and r["read_rgb_img_s"] > 0 for r in rows)
 
 
 def test_rows_medians_errors_and_table(capsys):

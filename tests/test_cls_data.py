@@ -9,9 +9,11 @@ import pytest
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from cls import data
-from common.images import to_rgb
+from common import images
+from common.images import read_rgb, to_rgb
 from common.sampling import set_epoch
 
 
@@ -65,6 +67,33 @@ def test_to_rgb_leaves_8_bit_modes_as_convert_did(tmp_path):
     write_png16(tmp_path / "rgb16.png", np.array([[[0, 32896, 65535]]], dtype=np.uint16), color_type=2)
     with Image.open(tmp_path / "rgb16.png") as image:
         assert to_rgb(image).getpixel((0, 0)) == (0, 128, 255)
+
+
+def test_read_rgb_decodes_jpegs_with_torchvision_pixel_for_pixel_as_pil(tmp_path, monkeypatch):
+    calls, torchvision_decode = [], images.decode_jpeg
+    monkeypatch.setattr(images, "decode_jpeg", lambda *a, **k: calls.append(1) or torchvision_decode(*a, **k))
+    rng = np.random.default_rng(0)
+    smooth = (rng.random((37, 50, 3)) * 255).cumsum(1) / np.arange(1, 51)[None, :, None]  # JPEG-like content
+    rgb = Image.fromarray(smooth.astype(np.uint8))
+    files = {}
+    for mode in ("RGB", "L", "CMYK"):
+        for subsampling in (0, 2):
+            files[f"{mode}_{subsampling}.jpg"] = dict(image=rgb.convert(mode), quality=85, subsampling=subsampling)
+    files["progressive.jpg"] = dict(image=rgb, quality=75, progressive=True)
+    files["rgb.png"], files["gray16.png"] = dict(image=rgb), dict(image=Image.fromarray(GRADIENT16))
+    for name, options in files.items():
+        options.pop("image").save(tmp_path / name, **options)
+        calls.clear()
+        with Image.open(tmp_path / name) as f:
+            expected = pil_to_tensor(to_rgb(f))
+        got = read_rgb(tmp_path / name)
+        assert got.dtype == torch.uint8 and got.shape == (3, *expected.shape[1:]) and torch.equal(got, expected), name
+        assert len(calls) == name.endswith(".jpg"), name  # JPEGs try torchvision first; CMYK then falls back to PIL
+    assert read_rgb(tmp_path / "gray16.png")[:, 0, 3].tolist() == [128] * 3  # to_rgb's 16-bit scaling kept
+    truncated = (tmp_path / "RGB_0.jpg").read_bytes()[:300]
+    (tmp_path / "truncated.jpg").write_bytes(truncated)
+    with pytest.raises(OSError, match="(?i)truncated"):  # PIL's error, which the data sets turn into one sentence
+        read_rgb(tmp_path / "truncated.jpg")
 
 
 def test_synthetic_set_is_deterministic_and_balanced():

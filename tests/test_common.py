@@ -372,3 +372,15 @@ def test_norm_statistics_are_averaged_over_ranks(tmp_path):
         state = torch.load(tmp_path / f"bn.{rank}")
         assert torch.equal(state["1.running_mean"], torch.full((2,), 1.5))
         assert torch.equal(state["1.running_var"], torch.full((2,), 15.0))
+
+
+def test_full_batch_repeats_the_first_row_and_keeps_the_layout():
+    from common.compile import full_batch
+
+    images = torch.rand(3, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    full = full_batch(images, 8)
+    assert full.shape == (8, 3, 4, 5) and full.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(full[:3], images) and all(torch.equal(row, images[0]) for row in full[3:])
+    sizes = torch.tensor([[4, 5], [2, 3]])
+    assert full_batch(sizes, 4).tolist() == [[4, 5], [2, 3], [4, 5], [4, 5]]
+    assert full_batch(images, 3) is images and full_batch(images, 2) is images  # a full batch is left alone

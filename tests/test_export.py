@@ -15,34 +15,9 @@ from cls.models import build_model as build_classifier
 from common.export import check_output_path, export_file, max_differences, run_file
 from det import export as det_export
 from det.models import MODELS, RECIPES, build_model
-from tests.det_compare import assert_same_detections
+from tests.det_compare import assert_same_detections, decisive
 
-# the convs that give each head's class (and objectness) logits: RetinaNet, FCOS and SOLOv2 (conv_cls), YOLOX (per
-# level), YOLOv3 (box, objectness and classes in one), SSD and SSDLite (per level; SSDLite's last of two), CenterNet
-HEAD_LOGITS = re.compile(r"(retina_cls|conv_cls|conv_(cls|obj)\.\d|convs_pred\.\d|cls_convs\.\d+\.\d|heatmap_head\.2)$")
 CLASSES = [f"shape_{k}" for k in range(3)]
-
-
-def decisive(model: nn.Module, images: torch.Tensor) -> None:
-    """Rescale every head's logits conv so that its outputs on `images` spread as N(2, 1): detections pass the score
-    thresholds and their scores lie far apart. Random heads score every location almost alike (or saturate at 1),
-    and near-equal scores are ranked, suppressed and peak-picked by float rounding, which ONNX Runtime's kernels
-    round otherwise."""
-    convs = [m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and HEAD_LOGITS.search(name)]
-    assert convs, "no head logits found"
-    seen = {}
-
-    def record(conv: nn.Conv2d, _, out: torch.Tensor) -> None:  # a head shared over the levels: by its first
-        seen.setdefault(conv, (out.mean(), out.std()))
-
-    hooks = [conv.register_forward_hook(record) for conv in convs]
-    with torch.no_grad():
-        model.head_outputs(images)  # every family's network without its decoding: the NMS would only cost time
-        for hook in hooks:
-            hook.remove()
-        for conv, (mean, std) in seen.items():
-            conv.weight /= std
-            conv.bias.sub_(mean).div_(std).add_(2.0)
 
 
 def detector(name: str) -> tuple[nn.Module, dict, dict, dict]:
