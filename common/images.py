@@ -1,4 +1,5 @@
 """Reading pictures: every file mode as 8-bit RGB, for classification and detection alike."""
+import io
 from pathlib import Path
 
 import numpy as np
@@ -46,5 +47,5 @@ def read_rgb(path: str | Path) -> torch.Tensor:
             image = None  # PIL decides, and raises its own error if it cannot read the file either
         if image is not None and image.shape[0] in (1, 3):
             return image.expand(3, -1, -1).contiguous()  # gray copied to the three channels, as convert("RGB")
-    with Image.open(path) as f:
+    with Image.open(io.BytesIO(data)) as f:  # the bytes already read: one read of the file, whatever it holds
         return pil_to_tensor(to_rgb(f))
