@@ -269,17 +269,21 @@ def test_assignment_and_mining_compile_without_graph_breaks():
         torch.testing.assert_close(got, want)
 
 
-def test_sparse_focal_loss_equals_torchvision_dense():
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (0.5, 1.5)])
+def test_sparse_focal_loss_equals_torchvision_dense(alpha, gamma):
+    """Value and gradient (ours is written by hand, torchvision's comes from autograd), at the recipe's alpha and
+    gamma and at others, in float64 so that a wrong term shows above rounding."""
     g = torch.Generator().manual_seed(11)
-    logits = torch.randn(3, 50, 7, generator=g) * 4  # large |x| too: the softplus form must stay stable
+    logits = torch.randn(3, 50, 7, generator=g, dtype=torch.float64) * 4  # large |x| too: softplus must stay stable
     labels = torch.randint(0, 7, (3, 50), generator=g)
     pos = torch.rand(3, 50, generator=g) > 0.8
     weight = pos | (torch.rand(3, 50, generator=g) > 0.3)  # some anchors ignored
-    onehot = torch.nn.functional.one_hot(labels, 7).float() * pos[..., None]
-    dense = torchvision.ops.sigmoid_focal_loss(logits, onehot, alpha=0.25, gamma=2.0)  # [B, A, C]
+    onehot = torch.nn.functional.one_hot(labels, 7).double() * pos[..., None]
+    dense = torchvision.ops.sigmoid_focal_loss(logits, onehot, alpha=alpha, gamma=gamma)  # [B, A, C]
     expected = (dense * weight[..., None]).sum()
-    torch.testing.assert_close(sigmoid_focal_loss(logits, labels, pos, weight), expected)
-    grad_ours = torch.autograd.grad(sigmoid_focal_loss(logits.requires_grad_(), labels, pos, weight), logits)[0]
-    grad_dense = torch.autograd.grad((torchvision.ops.sigmoid_focal_loss(logits, onehot) * weight[..., None]).sum(),
-                                     logits)[0]
+    torch.testing.assert_close(sigmoid_focal_loss(logits, labels, pos, weight, alpha, gamma), expected)
+    grad_ours = torch.autograd.grad(sigmoid_focal_loss(logits.requires_grad_(), labels, pos, weight, alpha, gamma) * 3,
+                                    logits)[0]
+    grad_dense = torch.autograd.grad((torchvision.ops.sigmoid_focal_loss(logits, onehot, alpha, gamma)
+                                      * weight[..., None]).sum() * 3, logits)[0]
     torch.testing.assert_close(grad_ours, grad_dense)
